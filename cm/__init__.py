@@ -1,0 +1,1 @@
+"""Consistency models and EDM diffusion for CIFAR-10 (PyTorch)."""

@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="consistency-models",
+    version="0.1.0",
+    description="EDM diffusion teachers and consistency models for CIFAR-10 (PyTorch)",
+    packages=["cm"],
+    python_requires=">=3.9",
+    install_requires=[
+        "torch",
+        "numpy",
+        "mpi4py",
+        "blobfile",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        # scipy: reference matrix square root in the FID tests;
+        # scikit-learn: the 8x8 digits dataset used as real images in tests/demo.
+        "test": ["pytest", "scipy", "scikit-learn"],
+        "demo": ["scikit-learn"],
+    },
+)
