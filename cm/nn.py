@@ -1,0 +1,107 @@
+"""Layers and tensor helpers shared by the network and the denoiser."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that always computes in float32 and returns the input's dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels):
+    """The network's normalisation layer: GroupNorm with 32 groups."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1-, 2- or 3-D convolution."""
+    layers = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in layers:
+        raise ValueError(f"unsupported dimensions: {dims}")
+    return layers[dims](*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    """A fully connected layer."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1-, 2- or 3-D average pooling layer."""
+    layers = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in layers:
+        raise ValueError(f"unsupported dimensions: {dims}")
+    return layers[dims](*args, **kwargs)
+
+
+def zero_module(module):
+    """Zero every parameter of `module` in place and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module, scale):
+    """Scale every parameter of `module` in place and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+def mean_flat(tensor):
+    """Mean over every dimension but the batch one."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+def append_dims(x, target_dims):
+    """Append singleton dimensions to `x` until it has `target_dims` dims."""
+    missing = target_dims - x.ndim
+    if missing < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}")
+    return x[(...,) + (None,) * missing]
+
+
+def append_zero(x):
+    """Append a trailing 0 to a 1-D tensor."""
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of real-valued timesteps: [cos, sin] of t·exp(−ln(P)·i/half)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def update_ema(target_params, source_params, rate=0.99):
+    """target ← rate·target + (1−rate)·source, in place."""
+    with torch.no_grad():
+        for targ, src in zip(target_params, source_params):
+            targ.mul_(rate).add_(src.to(targ.dtype), alpha=1 - rate)
+
+
+def checkpoint(func, inputs, params, flag):
+    """Run `func(*inputs)`, recomputing activations in the backward pass when `flag`.
+
+    `params` is accepted for signature compatibility with the original; torch's
+    non-reentrant checkpointing finds the parameters by itself.
+    """
+    if flag and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+        return torch_checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
