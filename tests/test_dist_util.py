@@ -1,0 +1,204 @@
+"""cm.dist_util: real processes under mpiexec, torchrun and plain python.
+
+The multi-process jobs run tests/dist_scripts/*.py; each has a timeout so a
+hang fails the test instead of stalling the suite.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cm import dist_util
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+JOB_TIMEOUT_S = 120
+
+needs_mpiexec = pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not on PATH")
+
+
+def _clean_env(tmp_path, **extra):
+    """The environment for a job: no inherited launcher variables, temp dir inside tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR")}
+    env = {k: v for k, v in env.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    env["TMPDIR"] = str(tmp_path)
+    env.update(extra)
+    return env
+
+
+def _run(cmd, tmp_path, timeout=JOB_TIMEOUT_S, **extra_env):
+    """Run ``cmd``; return (CompletedProcess, seconds). A timeout fails the test."""
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, env=_clean_env(tmp_path, **extra_env), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"job hung for {timeout}s: {cmd}\n{exc.stdout}\n{exc.stderr}")
+    return proc, time.monotonic() - start
+
+
+def _launch(launcher, nproc, script):
+    """Command line starting ``script`` under ``launcher`` ("mpi", "torchrun", "plain")."""
+    if launcher == "mpi":
+        return ["mpiexec", "-n", str(nproc), sys.executable, str(script)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+    return [sys.executable, str(script)]
+
+
+def _checkpoint(tmp_path):
+    """A small state_dict on disk and its contents."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize(
+    "launcher,nproc",
+    [pytest.param("mpi", 2, marks=needs_mpiexec), ("torchrun", 2), ("plain", 1)],
+)
+def test_job_ranks_sync_load_and_log(tmp_path, launcher, nproc):
+    """setup_dist, rank helpers, sync_params, rank-0 load_state_dict and logger averaging."""
+    ckpt, state = _checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = _launch(launcher, nproc, SCRIPTS / "dist_check.py") + [str(nproc), str(ckpt), str(out)]
+    proc, _ = _run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["world"] == nproc
+        assert res["before_group"] == [r, nproc]  # helpers work before the group exists
+        assert res["is_main"] == (r == 0)
+        assert res["is_distributed"] == (nproc > 1)
+        assert res["dev"] == "cpu" and res["backend"] == "gloo"
+        # Rank 1's own path does not exist: it can only have rank 0's bytes.
+        assert res["loaded"] == {k: v.tolist() for k, v in sorted(state.items())}
+        assert res["missing_error"] == f"checkpoint not found: {out / 'missing.pt'}"
+        # logkv_mean: rank 0 logs 0, rank 1 logs 10 and 11 -> (0 + 10 + 11) / 3.
+        assert res["dumped"]["loss"] == pytest.approx(7.0 if nproc == 2 else 0.0)
+        assert res["dumped"]["step"] == 7
+        assert Path(res["auto_dir"]).parent == tmp_path
+
+    # Differently seeded parameters and a rank-valued tensor all equal rank 0's.
+    assert all(res["synced"] == results[0]["synced"] for res in results)
+    assert results[0]["synced"][-5:] == [1.0] * 5
+    # Every rank agrees on rank 0's auto-chosen log dir.
+    assert len({res["auto_dir"] for res in results}) == 1
+    # print0 printed once; only rank 0 wrote the log files.
+    assert proc.stdout.count("PRINT0-MARKER") == 1
+    assert sorted(p.name for p in (out / "log").iterdir()) == ["log.txt", "progress.csv"]
+    rows = (out / "log" / "progress.csv").read_text().splitlines()
+    assert rows[0] == "loss,step" and len(rows) == 2
+
+
+@needs_mpiexec
+def test_mpi_rank_that_raises_ends_the_job(tmp_path):
+    """Rank 1 raises while rank 0 sleeps 300 s: the MPI excepthook must abort both fast."""
+    cmd = _launch("mpi", 2, SCRIPTS / "dist_die.py") + ["raise"]
+    proc, seconds = _run(cmd, tmp_path, timeout=90, CM_DIST_TIMEOUT_S="600")
+    assert proc.returncode != 0
+    assert seconds < 60
+    assert "rank 1 fails on purpose" in proc.stderr
+    assert "UNREACHABLE" not in proc.stdout
+
+
+@needs_mpiexec
+def test_mpi_collective_times_out_instead_of_hanging(tmp_path):
+    """Rank 1 stalls outside the barrier: rank 0's barrier times out, the job aborts."""
+    cmd = _launch("mpi", 2, SCRIPTS / "dist_die.py") + ["stall"]
+    proc, seconds = _run(cmd, tmp_path, timeout=90, CM_DIST_TIMEOUT_S="3")
+    assert proc.returncode != 0
+    assert seconds < 60
+    assert "UNREACHABLE" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# In this (single, ungrouped) process
+
+
+def test_helpers_without_a_process_group(capsys):
+    """Rank 0 of 1 with no group: every helper works and collectives are no-ops."""
+    assert not torch.distributed.is_initialized()
+    assert dist_util.get_rank() == 0 and dist_util.get_world_size() == 1
+    assert dist_util.is_main_process() and not dist_util.is_distributed()
+    assert dist_util.dev() == torch.device("cpu")
+    dist_util.barrier()
+    p = torch.nn.Parameter(torch.ones(3))
+    dist_util.sync_params([p])
+    assert p.tolist() == [1.0, 1.0, 1.0]
+    dist_util.print0("hello", 3)
+    assert capsys.readouterr().out == "hello 3\n"
+
+
+def test_rank_from_torchrun_environment(monkeypatch):
+    """Before any group, RANK/WORLD_SIZE from a torch launcher decide the rank."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_util.get_rank() == 3 and dist_util.get_world_size() == 4
+    assert dist_util.get_local_rank() == 1
+    assert not dist_util.is_main_process() and dist_util.is_distributed()
+
+
+def test_load_state_dict_round_trip(tmp_path):
+    """A saved state_dict comes back equal, on the CPU."""
+    path, state = _checkpoint(tmp_path)
+    loaded = dist_util.load_state_dict(str(path))
+    assert loaded.keys() == state.keys()
+    for k in state:
+        assert torch.equal(loaded[k], state[k]) and loaded[k].device.type == "cpu"
+
+
+def test_load_state_dict_missing_file_is_one_line(tmp_path):
+    """A missing checkpoint: FileNotFoundError, one line, naming the path."""
+    path = tmp_path / "nope" / "model000100.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        dist_util.load_state_dict(str(path))
+    assert str(info.value) == f"checkpoint not found: {path}"
+
+
+class _RunsCode:
+    """Unpickling this would create a marker file: what a hostile checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_load_state_dict_never_runs_code(tmp_path):
+    """weights_only=True: a checkpoint with a code-running object is refused."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "payload": _RunsCode(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        dist_util.load_state_dict(str(path))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="weights_only=True"):
+        dist_util.load_state_dict(str(path), weights_only=False)
+    assert not marker.exists()
+
+
+def test_timeout_from_environment(monkeypatch):
+    """CM_DIST_TIMEOUT_S sets the collective timeout; junk is a one-line error."""
+    monkeypatch.delenv("CM_DIST_TIMEOUT_S", raising=False)
+    assert dist_util.dist_timeout().total_seconds() == dist_util.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("CM_DIST_TIMEOUT_S", "42.5")
+    assert dist_util.dist_timeout().total_seconds() == 42.5
+    for junk in ("soon", "0", "-3"):
+        monkeypatch.setenv("CM_DIST_TIMEOUT_S", junk)
+        with pytest.raises(ValueError, match="CM_DIST_TIMEOUT_S") as info:
+            dist_util.dist_timeout()
+        assert "\n" not in str(info.value)
