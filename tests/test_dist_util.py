@@ -97,6 +97,8 @@ def test_job_ranks_sync_load_and_log(tmp_path, launcher, nproc):
     assert len({res["auto_dir"] for res in results}) == 1
     # print0 printed once; only rank 0 wrote the log files.
     assert proc.stdout.count("PRINT0-MARKER") == 1
+    # Only rank 0 logs: one "Logging to" line and one table on stdout.
+    assert proc.stdout.count("Logging to") == 1 and proc.stdout.count("| loss |") == 1
     assert sorted(p.name for p in (out / "log").iterdir()) == ["log.txt", "progress.csv"]
     rows = (out / "log" / "progress.csv").read_text().splitlines()
     assert rows[0] == "loss,step" and len(rows) == 2
