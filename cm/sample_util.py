@@ -1,0 +1,459 @@
+"""Sampling from a checkpoint: flags, checkpoint loading, the reproducible loop, output files.
+
+`scripts/image_sample.py` and `scripts/ternary_search.py` are thin wrappers
+over this module.
+
+Reproducibility (SPEC §6, §10.2). Sample k of a run gets the same x_T noise,
+the same later sampler noise and the same class label whatever the batch size
+and the number of processes:
+
+* noise: the ``--generator`` seeded with ``--seed``, its window moved with
+  ``set_done_samples(done)`` before every batch, exactly the stream the
+  library call ``karras_sample(generator=get_generator(name, N, seed))`` uses
+  for the first batch (so the golden samples are reproduced bit for bit);
+* labels: a second generator of the same kind, seeded with
+  ``label_seed(seed)``, with its own window moved the same way. Labels must
+  exist before ``karras_sample`` draws x_T, so drawing them from the noise
+  generator would shift the noise stream; a separate stream keeps the noise
+  untouched. ``--class_labels`` fixes them instead (sample k gets entry
+  k mod length);
+* order: each process samples indices done + rank + world·j; the gathered
+  batches are interleaved back into index order and the padding of the last
+  batch is dropped.
+
+The ``dummy`` generator is the unseeded global torch RNG: not reproducible.
+"""
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import dist_util
+from .fp16_util import resolve_use_fp16
+from .karras_diffusion import karras_sample
+from .random_util import get_generator
+from .script_util import (
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    model_and_diffusion_kwargs,
+    sample_defaults,
+)
+
+# Golden-ratio offset that separates the label stream from the noise stream.
+# torch keeps only the low 32 bits of a CPU seed, so the offset works mod 2**32.
+LABEL_SEED_OFFSET = 0x9E3779B9
+
+CONSISTENCY_MODES = ("consistency_distillation", "consistency_training")
+
+SAMPLE_HELP = {
+    "class_labels": "comma list of class ids given to the samples in turn (sample k gets entry k mod length); "
+    "empty: labels drawn from a seeded label generator (class_cond only)",
+    "generator": "noise generator: determ (one seeded stream, reproducible for any batch/world size), "
+    "determ-indiv (one seeded stream per sample), dummy (unseeded global RNG)",
+    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training use the "
+    "consistency-model scalings, edm/progdist the EDM ones",
+}
+
+
+class UsageError(ValueError):
+    """A user-facing problem (bad flag, missing or mismatched checkpoint); the message is one line."""
+
+
+class CheckpointMismatch(UsageError):
+    """The checkpoint's keys or shapes do not match the model built from the flags."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line on stderr (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------
+# Flags
+
+
+def sample_flag_defaults():
+    """Every flag of image_sample.py: sampling + model/diffusion + --class_labels."""
+    return dict(**sample_defaults(), **model_and_diffusion_defaults(), class_labels="")
+
+
+def create_argparser(defaults=None, description=None):
+    """A one-line-error parser with a ``--key`` for every default, typed, with help and choices."""
+    parser = OneLineArgumentParser(description=description)
+    add_dict_to_argparser(parser, sample_flag_defaults() if defaults is None else defaults, help=SAMPLE_HELP)
+    return parser
+
+
+def _int_list(text, flag):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be a comma list of integers, got {text!r}") from None
+
+
+def parse_ts(ts, steps, sampler="multistep"):
+    """Parse ``--ts`` into a list of ints; None when unused. One-line UsageError when invalid.
+
+    The indices must be strictly ascending and inside the ``steps``-point
+    schedule [0, steps-1]; the multistep sampler needs at least two.
+    """
+    if sampler != "multistep":
+        if ts:
+            raise UsageError(f"--ts is only used by --sampler multistep (got --sampler {sampler})")
+        return None
+    if not ts:
+        raise UsageError("--sampler multistep needs --ts, a comma list of schedule indices such as 0,22,39")
+    values = _int_list(ts, "--ts")
+    if len(values) < 2:
+        raise UsageError(f"--ts needs at least two indices (the multistep sampler denoises at all but the last), got {ts!r}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise UsageError(f"--ts must be strictly ascending, got {ts!r}")
+    if values[0] < 0 or values[-1] > steps - 1:
+        raise UsageError(f"--ts indices must lie in [0, {steps - 1}] for --steps {steps}, got {ts!r}")
+    return values
+
+
+def parse_class_labels(text, class_cond):
+    """Parse ``--class_labels`` into a list of ints in [0, NUM_CLASSES); None when empty."""
+    if not text:
+        return None
+    if not class_cond:
+        raise UsageError("--class_labels needs --class_cond True")
+    values = _int_list(text, "--class_labels")
+    bad = [v for v in values if not 0 <= v < NUM_CLASSES]
+    if bad:
+        raise UsageError(f"--class_labels must lie in [0, {NUM_CLASSES - 1}], got {bad[0]}")
+    return values
+
+
+def check_sample_args(args):
+    """Validate the sampling flags; returns (ts list or None, class label list or None)."""
+    for flag in ("num_samples", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if not args.model_path:
+        raise UsageError("--model_path is required: the checkpoint to sample from")
+    return parse_ts(args.ts, args.steps, args.sampler), parse_class_labels(args.class_labels, args.class_cond)
+
+
+def uses_distillation(training_mode):
+    """True for the consistency modes, whose models use the boundary-condition scalings."""
+    return training_mode in CONSISTENCY_MODES
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+def _shape(v):
+    return tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+
+
+def strip_wrapper_prefix(state_dict, expected_keys):
+    """Remove wrapper prefixes that every key carries and the model's keys lack.
+
+    Handles ``module.`` (DDP), ``_orig_mod.`` (torch.compile), ``model.`` and
+    any other single dotted component shared by all keys, repeatedly (e.g.
+    ``module._orig_mod.``). Returns (state_dict, removed prefix or "").
+    """
+    expected = set(expected_keys)
+    removed = ""
+    keys = list(state_dict)
+    while keys and not set(keys) <= expected:
+        heads = {k.split(".", 1)[0] if "." in k else None for k in keys}
+        if len(heads) != 1 or None in heads:
+            break
+        head = heads.pop() + "."
+        stripped = [k[len(head):] for k in keys]
+        if sum(k in expected for k in stripped) <= sum(k in expected for k in keys):
+            break
+        state_dict = {k[len(head):]: v for k, v in state_dict.items()}
+        keys = stripped
+        removed += head
+    return state_dict, removed
+
+
+def load_model_state(model, state_dict, path):
+    """Load ``state_dict`` into ``model`` strictly, after stripping wrapper prefixes.
+
+    Returns the removed prefix ("" if none). A mismatch raises a one-line
+    CheckpointMismatch naming the first bad key (in the model's order) and both shapes.
+    """
+    if not isinstance(state_dict, dict):
+        raise CheckpointMismatch(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
+    expected = model.state_dict()
+    state_dict, prefix = strip_wrapper_prefix(state_dict, expected)
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    counts = f"{len(missing)} missing, {len(extra)} unexpected"
+    hint = "check the model flags (--image_size, --num_channels, --class_cond, ...)"
+    for k, v in expected.items():
+        if k not in state_dict:
+            raise CheckpointMismatch(
+                f"{path} does not match the model: key {k!r} has shape (absent) in the checkpoint "
+                f"but {tuple(v.shape)} in the model ({counts}); {hint}"
+            )
+        got = state_dict[k]
+        if not torch.is_tensor(got) or got.shape != v.shape:
+            raise CheckpointMismatch(
+                f"{path} does not match the model: key {k!r} has shape {_shape(got)} in the checkpoint "
+                f"but {tuple(v.shape)} in the model; {hint}"
+            )
+    if extra:
+        k = extra[0]
+        raise CheckpointMismatch(
+            f"{path} does not match the model: key {k!r} has shape {_shape(state_dict[k])} in the checkpoint "
+            f"but (absent) in the model ({counts}); {hint}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return prefix
+
+
+def read_checkpoint(path):
+    """Rank 0 reads the checkpoint (weights_only) and shares it; one-line UsageError on failure."""
+    try:
+        return dist_util.load_state_dict(path, map_location="cpu")
+    except FileNotFoundError as e:
+        raise UsageError(f"--model_path: {e}") from None
+    except Exception as e:  # not a torch file, truncated, or holds objects weights_only refuses
+        raise UsageError(f"--model_path: cannot load {path} as a weights-only checkpoint ({_load_reason(e)})") from None
+
+
+def _load_reason(exc):
+    """The informative line of a torch.load failure (its weights_only errors run to a dozen lines)."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        return m.group(1).split(". ")[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_model_and_diffusion(args, device=None):
+    """Build the model/denoiser from the flags and load ``args.model_path``.
+
+    Returns (model in eval mode on ``device``, diffusion, removed key prefix).
+    ``--use_fp16 True`` converts the model only when CUDA is present (else warns once).
+    """
+    model, diffusion = create_model_and_diffusion(
+        **model_and_diffusion_kwargs(args, distillation=uses_distillation(args.training_mode))
+    )
+    prefix = load_model_state(model, read_checkpoint(args.model_path), args.model_path)
+    model.to(device if device is not None else dist_util.dev())
+    if resolve_use_fp16(args.use_fp16):
+        model.convert_to_fp16()
+    model.eval()
+    return model, diffusion, prefix
+
+
+# ----------------------------------------------------------------------------
+# The sampling loop
+
+
+def label_seed(seed):
+    """Seed of the label stream: ``seed`` shifted by a fixed odd constant, mod 2**32."""
+    return (int(seed) + LABEL_SEED_OFFSET) % 2**32
+
+
+def batch_indices(done, batch_size, rank, world_size, num_samples):
+    """Sample indices done + rank + world·j (j < batch_size) of this rank, clamped to num_samples−1."""
+    idx = done + rank + world_size * torch.arange(batch_size)
+    return idx.clamp(max=num_samples - 1)
+
+
+def to_uint8(x):
+    """NCHW float in [−1, 1] → NHWC uint8, truncating like the original script."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def gather_in_index_order(t):
+    """All ranks' equal-sized batches, interleaved into sample-index order (rank r holds done+r+world·j)."""
+    world = dist_util.get_world_size()
+    if world == 1:
+        return t.cpu()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    # stacked [world, batch, ...] → [batch, world, ...] puts index done + j·world + r at row j·world + r
+    return torch.stack(parts).transpose(0, 1).reshape(-1, *t.shape[1:]).cpu()
+
+
+def sample_images(
+    model,
+    diffusion,
+    *,
+    num_samples,
+    batch_size,
+    image_size,
+    steps,
+    sampler="heun",
+    ts=None,
+    generator="determ",
+    seed=42,
+    class_cond=False,
+    class_labels=None,
+    clip_denoised=True,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    device=None,
+    progress=True,
+):
+    """Draw ``num_samples`` samples on all ranks; returns (uint8 NHWC array, int64 labels or None).
+
+    Every rank gets the full result, in sample-index order. ``batch_size`` is
+    per process. See the module docstring for what makes it reproducible.
+    """
+    device = device if device is not None else dist_util.dev()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    noise = get_generator(generator, num_samples, seed, rank=rank, world_size=world)
+    labels_gen = None
+    if class_cond and class_labels is None:
+        labels_gen = get_generator(generator, num_samples, label_seed(seed), rank=rank, world_size=world)
+    fixed = torch.tensor(class_labels, dtype=torch.long) if class_labels else None
+
+    images, labels = [], []
+    bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress or rank != 0)
+    for done in range(0, num_samples, world * batch_size):
+        noise.set_done_samples(done)
+        model_kwargs = {}
+        if class_cond:
+            if fixed is not None:
+                idx = batch_indices(done, batch_size, rank, world, num_samples)
+                y = fixed[idx % len(fixed)].to(device)
+            else:
+                labels_gen.set_done_samples(done)
+                y = labels_gen.randint(0, NUM_CLASSES, (batch_size,), device=device)
+            model_kwargs["y"] = y
+        x = karras_sample(
+            diffusion,
+            model,
+            (batch_size, 3, image_size, image_size),
+            steps=steps,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            device=device,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            sampler=sampler,
+            s_churn=s_churn,
+            s_tmin=s_tmin,
+            s_tmax=s_tmax,
+            s_noise=s_noise,
+            generator=noise,
+            ts=ts,
+        )
+        keep = min(world * batch_size, num_samples - done)  # drop the clamped padding
+        images.append(gather_in_index_order(to_uint8(x))[:keep])
+        if class_cond:
+            labels.append(gather_in_index_order(model_kwargs["y"].long())[:keep])
+        bar.update(keep)
+    bar.close()
+    arr = torch.cat(images).numpy()
+    return arr, (torch.cat(labels).numpy() if class_cond else None)
+
+
+# ----------------------------------------------------------------------------
+# Output files
+
+
+def samples_filename(images, ext="npz"):
+    """``samples_{N}x{H}x{W}x{C}.{ext}`` for a uint8 NHWC array."""
+    return "samples_" + "x".join(str(d) for d in images.shape) + "." + ext
+
+
+def _write_atomic(path, write):
+    """Write through ``write(binary file)`` into a temp file beside ``path``, then rename it over."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_npz(path, arrays):
+    """``np.savez`` equivalent (``arr_0``, ``arr_1``, … readable by np.load), atomic and byte-reproducible.
+
+    np.savez stamps the current time into the zip entries; a fixed stamp makes the
+    same arrays give the same bytes.
+    """
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with z.open(info, "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
+
+    _write_atomic(path, write)
+
+
+def image_grid(images, columns=8):
+    """Tile uint8 NHWC images into one HWC image, ``columns`` wide (empty cells black)."""
+    n, h, w, c = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
+    return grid
+
+
+def save_grid_png(path, images, count=64, columns=8):
+    """PNG of the first ``count`` images in a grid, written atomically."""
+    from PIL import Image
+
+    grid = image_grid(images[:count], columns)
+    _write_atomic(path, lambda f: Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(f, format="PNG"))
+
+
+def save_samples(folder, images, labels=None):
+    """Write ``samples_{N}x{H}x{W}x3.npz`` (arr_0 images[, arr_1 labels]) and a PNG grid; returns both paths."""
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels
+    npz_path = os.path.join(folder, samples_filename(images, "npz"))
+    png_path = os.path.join(folder, samples_filename(images, "png"))
+    save_npz(npz_path, arrays)
+    save_grid_png(png_path, images)
+    return npz_path, png_path
+
+
+# ----------------------------------------------------------------------------
+# Command-line entry
+
+
+def run_cli(main, argv=None):
+    """Run ``main(argv)``; a UsageError becomes one line on stderr (rank 0) and exit status 1."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "cm"
+    try:
+        main(argv)
+    except UsageError as e:
+        if dist_util.get_rank() == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,67 @@
+"""Draw samples from a checkpoint into samples_{N}x{H}x{W}x3.npz (+ a PNG grid) in the logging dir.
+
+  python scripts/image_sample.py --model_path edm_cifar10.pt --sampler heun --steps 18 \\
+      --image_size 32 --class_cond True --num_samples 50000 --batch_size 500
+  mpiexec -n 8 python scripts/image_sample.py --training_mode consistency_distillation \\
+      --sampler multistep --ts 0,22,39 --model_path cd_cifar10.pt ...
+
+The same command gives the same .npz for any --batch_size and number of
+processes (see cm/sample_util.py).
+"""
+
+import sys
+
+from cm import dist_util, logger
+from cm.sample_util import (
+    check_sample_args,
+    create_argparser,
+    load_model_and_diffusion,
+    run_cli,
+    sample_images,
+    save_samples,
+)
+
+
+def main(argv=None):
+    args = create_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
+    ts, class_labels = check_sample_args(args)
+
+    dist_util.setup_dist()
+    # Everything that can fail on user input happens before the logging dir is created.
+    model, diffusion, prefix = load_model_and_diffusion(args)
+    logger.configure(dir=args.logging_dir or None)
+    logger.save_args(args)
+    if prefix:
+        logger.log(f"checkpoint keys carry the wrapper prefix {prefix!r}; stripped it")
+
+    logger.log(f"sampling {args.num_samples} images with {args.sampler} ({args.training_mode} scalings)...")
+    images, labels = sample_images(
+        model,
+        diffusion,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        steps=args.steps,
+        sampler=args.sampler,
+        ts=ts,
+        generator=args.generator,
+        seed=args.seed,
+        class_cond=args.class_cond,
+        class_labels=class_labels,
+        clip_denoised=args.clip_denoised,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        s_churn=args.s_churn,
+        s_tmin=args.s_tmin,
+        s_tmax=args.s_tmax,
+        s_noise=args.s_noise,
+    )
+    if dist_util.get_rank() == 0:
+        npz_path, png_path = save_samples(logger.get_dir(), images, labels)
+        logger.log(f"saved {len(images)} samples to {npz_path} (grid: {png_path})")
+    dist_util.barrier()
+    logger.log("sampling complete")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
