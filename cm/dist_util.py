@@ -23,6 +23,8 @@ import io
 import os
 import socket
 import sys
+import time
+import traceback
 
 import blobfile as bf
 import torch
@@ -33,8 +35,14 @@ DEFAULT_TIMEOUT_S = 1800.0
 # Environment variables through which MPI launchers announce a rank.
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
+# Environment variables through which MPI launchers announce the node-local rank.
+_LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
 # Largest piece of a checkpoint sent in one MPI broadcast (MPI counts are int32).
 _MPI_CHUNK_BYTES = 2**30
+
+# Seconds between printing an uncaught exception and aborting the MPI job.
+_ABORT_GRACE_S = 0.5
 
 _excepthook_installed = False
 
@@ -88,16 +96,11 @@ def get_world_size():
 
 
 def get_local_rank():
-    """Rank of this process among those on the same machine."""
-    if "LOCAL_RANK" in os.environ:
-        return int(os.environ["LOCAL_RANK"])
-    comm = _mpi_comm()
-    if comm is None:
-        return 0
-    from mpi4py import MPI
-
-    # Ranks sharing memory are the ranks on this node.
-    return comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    """Rank of this process among those on the same machine (no communication)."""
+    for var in ("LOCAL_RANK",) + _LOCAL_RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def is_distributed():
@@ -143,17 +146,27 @@ def _free_port():
 
 
 def _install_mpi_excepthook(comm):
-    """Make an uncaught exception in one rank abort every rank of the MPI job."""
+    """Make an uncaught exception in one rank abort every rank of the MPI job.
+
+    The traceback goes straight to the process's real stderr: torch's own
+    excepthook (installed by init_process_group, around this one) captures
+    what inner hooks print and would only write it after we return, which an
+    abort never does.
+    """
     global _excepthook_installed
     if _excepthook_installed:
         return
-    previous = sys.excepthook
+    rank = comm.Get_rank()
 
     def abort_all(exc_type, exc, tb):
-        # Print the traceback as usual, then take the whole job down.
-        previous(exc_type, exc, tb)
+        # Print the traceback, each line tagged with the rank, then end the job.
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        stream = sys.__stderr__ or sys.stderr
+        stream.write("".join(f"[rank{rank}]: {line}\n" for line in text.splitlines()))
+        stream.flush()
         sys.stdout.flush()
-        sys.stderr.flush()
+        # Give the launcher a moment to forward the output before the abort.
+        time.sleep(_ABORT_GRACE_S)
         comm.Abort(1)
 
     sys.excepthook = abort_all
@@ -162,7 +175,10 @@ def _install_mpi_excepthook(comm):
 
 def _mpi_rendezvous(comm):
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from MPI."""
+    from mpi4py import MPI
+
     rank = comm.Get_rank()
+    # Also lines the ranks up, so torch's rendezvous starts with everyone present.
     hosts = comm.allgather(socket.gethostname())
     master = None
     if rank == 0:
@@ -180,7 +196,8 @@ def _mpi_rendezvous(comm):
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(comm.Get_size())
-    os.environ["LOCAL_RANK"] = str(get_local_rank())
+    # Ranks sharing memory are the ranks on this node (a collective call).
+    os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
 
 
 def setup_dist(backend=None):

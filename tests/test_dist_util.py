@@ -1,7 +1,9 @@
 """cm.dist_util: real processes under mpiexec, torchrun and plain python.
 
-The multi-process jobs run tests/dist_scripts/*.py; each has a timeout so a
-hang fails the test instead of stalling the suite.
+The multi-process jobs run tests/dist_scripts/*.py. They are all started
+together when the module's first job test runs (the machine has 2 cores and
+most of a job is start-up or waiting), then each test waits for its own job
+with a timeout, so a hang fails the test instead of stalling the suite.
 """
 
 import json
@@ -20,29 +22,21 @@ from cm import dist_util
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 JOB_TIMEOUT_S = 120
+HAVE_MPIEXEC = shutil.which("mpiexec") is not None
 
-needs_mpiexec = pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not on PATH")
+needs_mpiexec = pytest.mark.skipif(not HAVE_MPIEXEC, reason="mpiexec not on PATH")
+
+STATE = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
 
 
 def _clean_env(tmp_path, **extra):
     """The environment for a job: no inherited launcher variables, temp dir inside tmp_path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR")}
+    dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env = {k: v for k, v in env.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
     env["TMPDIR"] = str(tmp_path)
     env.update(extra)
     return env
-
-
-def _run(cmd, tmp_path, timeout=JOB_TIMEOUT_S, **extra_env):
-    """Run ``cmd``; return (CompletedProcess, seconds). A timeout fails the test."""
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, env=_clean_env(tmp_path, **extra_env), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"job hung for {timeout}s: {cmd}\n{exc.stdout}\n{exc.stderr}")
-    return proc, time.monotonic() - start
 
 
 def _launch(launcher, nproc, script):
@@ -54,36 +48,82 @@ def _launch(launcher, nproc, script):
     return [sys.executable, str(script)]
 
 
-def _checkpoint(tmp_path):
-    """A small state_dict on disk and its contents."""
-    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
-    path = tmp_path / "ckpt.pt"
-    torch.save(state, path)
-    return path, state
+class _Job:
+    """A launched command; ``finish()`` waits for it and returns (returncode, stdout, stderr, seconds)."""
+
+    def __init__(self, cmd, tmp_path, timeout=JOB_TIMEOUT_S, **extra_env):
+        self.cmd, self.timeout, self.tmp_path = cmd, timeout, tmp_path
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd,
+            env=_clean_env(tmp_path, **extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def finish(self):
+        """Wait (at most ``timeout`` s from launch); a hang kills the job and fails the test."""
+        left = max(1.0, self.timeout - (time.monotonic() - self.start))
+        try:
+            out, err = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            out, err = self.proc.communicate()
+            pytest.fail(f"job hung for {self.timeout}s: {self.cmd}\n{out}\n{err}")
+        return self.proc.returncode, out, err, time.monotonic() - self.start
+
+
+def _check_job(tmp_path, launcher, nproc):
+    """Start dist_check.py with a checkpoint and an output folder in ``tmp_path``."""
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(STATE, ckpt)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = _launch(launcher, nproc, SCRIPTS / "dist_check.py") + [str(nproc), str(ckpt), str(out)]
+    return _Job(cmd, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Every job of this module, started at once, by name."""
+    started = {}
+    if HAVE_MPIEXEC:
+        started["check-mpi"] = _check_job(tmp_path_factory.mktemp("mpi"), "mpi", 2)
+        die = [*_launch("mpi", 2, SCRIPTS / "dist_die.py")]
+        started["raise"] = _Job(die + ["raise"], tmp_path_factory.mktemp("raise"), 90, CM_DIST_TIMEOUT_S="600")
+        started["stall"] = _Job(die + ["stall"], tmp_path_factory.mktemp("stall"), 90, CM_DIST_TIMEOUT_S="5")
+    started["check-torchrun"] = _check_job(tmp_path_factory.mktemp("torchrun"), "torchrun", 2)
+    started["check-plain"] = _check_job(tmp_path_factory.mktemp("plain"), "plain", 1)
+    yield started
+    for job in started.values():
+        if job.proc.poll() is None:
+            os.killpg(job.proc.pid, 9)
+            job.proc.communicate()
 
 
 @pytest.mark.parametrize(
     "launcher,nproc",
     [pytest.param("mpi", 2, marks=needs_mpiexec), ("torchrun", 2), ("plain", 1)],
 )
-def test_job_ranks_sync_load_and_log(tmp_path, launcher, nproc):
+def test_job_ranks_sync_load_and_log(jobs, launcher, nproc):
     """setup_dist, rank helpers, sync_params, rank-0 load_state_dict and logger averaging."""
-    ckpt, state = _checkpoint(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    cmd = _launch(launcher, nproc, SCRIPTS / "dist_check.py") + [str(nproc), str(ckpt), str(out)]
-    proc, _ = _run(cmd, tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = jobs[f"check-{launcher}"]
+    rc, stdout, stderr, _ = job.finish()
+    assert rc == 0, stdout + stderr
+    tmp_path, out = job.tmp_path, job.tmp_path / "out"
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
     for r, res in enumerate(results):
         assert res["rank"] == r and res["world"] == nproc
+        assert res["local_rank"] == r  # one machine: local rank = global rank
         assert res["before_group"] == [r, nproc]  # helpers work before the group exists
         assert res["is_main"] == (r == 0)
         assert res["is_distributed"] == (nproc > 1)
         assert res["dev"] == "cpu" and res["backend"] == "gloo"
         # Rank 1's own path does not exist: it can only have rank 0's bytes.
-        assert res["loaded"] == {k: v.tolist() for k, v in sorted(state.items())}
+        assert res["loaded"] == {k: v.tolist() for k, v in sorted(STATE.items())}
         assert res["missing_error"] == f"checkpoint not found: {out / 'missing.pt'}"
         # logkv_mean: rank 0 logs 0, rank 1 logs 10 and 11 -> (0 + 10 + 11) / 3.
         assert res["dumped"]["loss"] == pytest.approx(7.0 if nproc == 2 else 0.0)
@@ -96,33 +136,34 @@ def test_job_ranks_sync_load_and_log(tmp_path, launcher, nproc):
     # Every rank agrees on rank 0's auto-chosen log dir.
     assert len({res["auto_dir"] for res in results}) == 1
     # print0 printed once; only rank 0 wrote the log files.
-    assert proc.stdout.count("PRINT0-MARKER") == 1
+    assert stdout.count("PRINT0-MARKER") == 1
     # Only rank 0 logs: one "Logging to" line and one table on stdout.
-    assert proc.stdout.count("Logging to") == 1 and proc.stdout.count("| loss |") == 1
+    assert stdout.count("Logging to") == 1 and stdout.count("| loss |") == 1
     assert sorted(p.name for p in (out / "log").iterdir()) == ["log.txt", "progress.csv"]
     rows = (out / "log" / "progress.csv").read_text().splitlines()
     assert rows[0] == "loss,step" and len(rows) == 2
 
 
 @needs_mpiexec
-def test_mpi_rank_that_raises_ends_the_job(tmp_path):
+def test_mpi_rank_that_raises_ends_the_job(jobs):
     """Rank 1 raises while rank 0 sleeps 300 s: the MPI excepthook must abort both fast."""
-    cmd = _launch("mpi", 2, SCRIPTS / "dist_die.py") + ["raise"]
-    proc, seconds = _run(cmd, tmp_path, timeout=90, CM_DIST_TIMEOUT_S="600")
-    assert proc.returncode != 0
+    rc, stdout, stderr, seconds = jobs["raise"].finish()
+    assert rc != 0
     assert seconds < 60
-    assert "rank 1 fails on purpose" in proc.stderr
-    assert "UNREACHABLE" not in proc.stdout
+    assert "[rank1]: RuntimeError: rank 1 fails on purpose" in stderr
+    assert "UNREACHABLE" not in stdout
 
 
 @needs_mpiexec
-def test_mpi_collective_times_out_instead_of_hanging(tmp_path):
+def test_mpi_collective_times_out_instead_of_hanging(jobs):
     """Rank 1 stalls outside the barrier: rank 0's barrier times out, the job aborts."""
-    cmd = _launch("mpi", 2, SCRIPTS / "dist_die.py") + ["stall"]
-    proc, seconds = _run(cmd, tmp_path, timeout=90, CM_DIST_TIMEOUT_S="3")
-    assert proc.returncode != 0
+    rc, stdout, stderr, seconds = jobs["stall"].finish()
+    assert rc != 0
     assert seconds < 60
-    assert "UNREACHABLE" not in proc.stdout
+    # Both ranks got through setup, so it is the barrier that timed out.
+    assert "SETUP-DONE rank 0" in stdout and "SETUP-DONE rank 1" in stdout
+    assert "[rank0]: Traceback" in stderr
+    assert "UNREACHABLE" not in stdout
 
 
 # ----------------------------------------------------------------------------
@@ -155,11 +196,11 @@ def test_rank_from_torchrun_environment(monkeypatch):
 
 def test_load_state_dict_round_trip(tmp_path):
     """A saved state_dict comes back equal, on the CPU."""
-    path, state = _checkpoint(tmp_path)
-    loaded = dist_util.load_state_dict(str(path))
-    assert loaded.keys() == state.keys()
-    for k in state:
-        assert torch.equal(loaded[k], state[k]) and loaded[k].device.type == "cpu"
+    torch.save(STATE, tmp_path / "ckpt.pt")
+    loaded = dist_util.load_state_dict(str(tmp_path / "ckpt.pt"))
+    assert loaded.keys() == STATE.keys()
+    for k in STATE:
+        assert torch.equal(loaded[k], STATE[k]) and loaded[k].device.type == "cpu"
 
 
 def test_load_state_dict_missing_file_is_one_line(tmp_path):

@@ -31,6 +31,7 @@ def main():
         "expected_world": expected_world,
         "is_main": dist_util.is_main_process(),
         "is_distributed": dist_util.is_distributed(),
+        "local_rank": dist_util.get_local_rank(),
         "dev": str(dist_util.dev()),
         "backend": dist.get_backend(),
     }

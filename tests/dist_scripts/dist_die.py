@@ -16,6 +16,7 @@ from cm import dist_util
 def main():
     mode = sys.argv[1]
     dist_util.setup_dist()
+    print(f"SETUP-DONE rank {dist_util.get_rank()}", flush=True)
     if dist_util.get_rank() == 1:
         if mode == "raise":
             raise RuntimeError("rank 1 fails on purpose")
