@@ -257,11 +257,19 @@ def barrier():
 
 
 def _read_on_rank0(path):
-    """Rank 0's view of the file: ("ok", bytes) or ("missing", message)."""
-    if not bf.exists(path):
-        return ("missing", f"checkpoint not found: {path}")
-    with bf.BlobFile(path, "rb") as f:
-        return ("ok", f.read())
+    """Rank 0's view of the file: ("ok", bytes), ("missing", message) or ("error", message).
+
+    Failures are returned, not raised, so that every rank can raise them
+    together instead of the others waiting for bytes that never come.
+    """
+    try:
+        if not bf.exists(path):
+            return ("missing", f"checkpoint not found: {path}")
+        with bf.BlobFile(path, "rb") as f:
+            return ("ok", f.read())
+    except Exception as exc:  # permissions, a directory, remote storage errors...
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return ("error", f"cannot read checkpoint {path}: {reason}")
 
 
 def _broadcast_bytes_torch(payload):
@@ -272,8 +280,10 @@ def _broadcast_bytes_torch(payload):
         head = [payload if payload[0] != "ok" else ("ok", len(payload[1]))]
     # The status (or the error) travels as a small object, the bytes as a tensor.
     dist.broadcast_object_list(head, src=0, device=device)
-    if head[0][0] != "ok" or head[0][1] == 0:
-        return head[0] if head[0][0] != "ok" else ("ok", b"")
+    if head[0][0] != "ok":
+        return head[0]
+    if head[0][1] == 0:
+        return ("ok", b"")
     if payload is not None:
         buf = torch.frombuffer(bytearray(payload[1]), dtype=torch.uint8).to(device)
     else:
@@ -303,7 +313,7 @@ def load_state_dict(path, **kwargs):
 
     ``weights_only=True`` always (a checkpoint can never run code);
     ``map_location`` defaults to "cpu". A missing file raises the same one-line
-    FileNotFoundError on every rank.
+    FileNotFoundError on every rank; a file rank 0 cannot read, a one-line OSError.
     """
     if kwargs.pop("weights_only", True) is not True:
         raise ValueError("load_state_dict always uses weights_only=True; a checkpoint must not run code")
@@ -315,8 +325,10 @@ def load_state_dict(path, **kwargs):
         else:
             payload = _broadcast_bytes_mpi(_mpi_comm(), payload)
     status, data = payload
-    if status != "ok":
+    if status == "missing":
         raise FileNotFoundError(data)
+    if status == "error":
+        raise OSError(data)
     return torch.load(io.BytesIO(data), weights_only=True, **kwargs)
 
 

@@ -245,3 +245,11 @@ def test_timeout_from_environment(monkeypatch):
         with pytest.raises(ValueError, match="CM_DIST_TIMEOUT_S") as info:
             dist_util.dist_timeout()
         assert "\n" not in str(info.value)
+
+
+def test_load_state_dict_unreadable_path_is_one_line(tmp_path):
+    """A path rank 0 cannot read (a directory): one-line OSError naming it."""
+    with pytest.raises(OSError) as info:
+        dist_util.load_state_dict(str(tmp_path))
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read checkpoint {tmp_path}: ") and "\n" not in msg
