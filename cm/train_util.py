@@ -1,0 +1,877 @@
+"""Training loops: EDM denoiser training (`TrainLoop`) and consistency distillation,
+consistency training and progressive distillation (`CMTrainLoop`).
+
+One step k (0-based) of either loop:
+
+1. when a seed is given, reseed torch/NumPy/random from (seed, rank, k), so
+   the noise levels, noise and dropout of step k do not depend on how the run
+   got there (resuming is exact);
+2. take the next batch; with `StepBatches` (what the scripts use) batch k is
+   itself a function of (seed, rank, k);
+3. split the batch into micro-batches and accumulate their gradients, each
+   weighted by its share of the batch, so the sum is the batch-mean gradient
+   whatever the micro-batch size; under DistributedDataParallel only the last
+   micro-batch all-reduces;
+4. one RAdam step at lr·(1 − k/lr_anneal_steps) (constant when 0), skipped in
+   fp16 when the gradients overflow (see `MixedPrecisionTrainer`);
+5. EMA updates ema_r ← r·ema_r + (1−r)·θ for every rate r; in the consistency
+   loop also the target θ⁻ ← μ·θ⁻ + (1−μ)·θ with μ from ``ema_scale_fn(k)``.
+
+After it, ``loop.step`` = k+1 steps are done; checkpoints carry that number.
+In the consistency loop a skipped fp16 step is retried and does not count (as
+in the original); in the EDM loop it counts.
+
+Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
+grad_norm, param_norm, lr, lg_loss_scale (fp16), step (index of the step just
+taken) and samples = (step+1)·global batch; the consistency loop adds
+num_scales and target_ema. Noise bins are FIXED quarters of the Karras
+ρ-ramp between σ_min and σ_max (the original's ``4·t/T`` quartile applied to
+the position on the ρ-schedule): q0 is σ < 0.169, q1 up to 2.51, q2 up to
+17.5, q3 above (for σ_min 0.002, σ_max 80, ρ 7). Fixed bins, unlike quartiles
+of each batch, compare across steps and between the two loops.
+"""
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim import RAdam
+from torch.utils.data import DataLoader
+
+from . import dist_util, image_datasets, logger
+from .checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    checkpoint_filename,
+    find_latest_checkpoint,
+    load_model_state,
+    parse_resume_step,
+    save_atomic,
+    strip_module_prefix,
+)
+from .fp16_util import (
+    MixedPrecisionTrainer,
+    master_params_to_model_params,
+    master_params_to_state_dict,
+)
+from .nn import update_ema
+from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
+from .schedules import get_sigmas_karras
+
+# Debug switch: with several processes, train WITHOUT DistributedDataParallel
+# (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
+NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
+
+CM_TRAINING_MODES = ("consistency_distillation", "consistency_training", "progdist")
+
+# Purposes of derived seeds, so the streams never coincide.
+_SEED_STEP, _SEED_DATA_ORDER, _SEED_FLIPS = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------
+# Small pure helpers
+
+
+def parse_ema_rates(ema_rate):
+    """EMA rates from a float, a comma list ("0.999,0.9999") or a sequence."""
+    if isinstance(ema_rate, (int, float)):
+        items = [ema_rate]
+    elif isinstance(ema_rate, str):
+        items = [x for x in ema_rate.split(",") if x.strip()]
+    else:
+        items = list(ema_rate)
+    try:
+        rates = [float(x) for x in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--ema_rate must be a comma list of numbers in [0, 1], got {ema_rate!r}") from None
+    for r in rates:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"--ema_rate values must lie in [0, 1], got {r}")
+    return rates
+
+
+def per_rank_batch_size(global_batch_size, batch_size, world_size):
+    """(per-process batch size, warning text or None); batch_size -1 splits the global one."""
+    if batch_size > 0:
+        return batch_size, None
+    if batch_size != -1:
+        raise ValueError(f"--batch_size must be positive or -1, got {batch_size}")
+    per_rank = global_batch_size // world_size
+    if per_rank < 1:
+        raise ValueError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
+    note = None
+    if global_batch_size % world_size:
+        note = (
+            f"WARNING: global_batch_size {global_batch_size} is not divisible by {world_size} processes; "
+            f"using {per_rank} per process ({per_rank * world_size} in all)"
+        )
+    return per_rank, note
+
+
+def derived_seed(*keys):
+    """A 63-bit seed that is a pure function of non-negative integer ``keys``."""
+    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
+    return (int(words[0]) | (int(words[1]) << 32)) & (2**63 - 1)
+
+
+def seed_all(seed):
+    """Seed torch (CPU and CUDA), NumPy's and Python's global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def noise_bins(sigmas, sigma_min, sigma_max, rho=7.0):
+    """Bin 0..3 per σ: quarters of the ρ-ramp from σ_min (bin 0) to σ_max (bin 3)."""
+    s = sigmas.detach().float().clamp(sigma_min, sigma_max) ** (1 / rho)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((s - lo) / (hi - lo) * 4).floor().clamp(0, 3).long()
+
+
+def log_loss_dict(diffusion, sigmas, losses):
+    """Log the batch mean of every loss term and its mean per noise bin (``_q0``..``_q3``)."""
+    bins = noise_bins(sigmas, diffusion.sigma_min, diffusion.sigma_max, diffusion.rho).cpu().numpy()
+    for key, values in losses.items():
+        values = values.detach().float().cpu().numpy()
+        logger.logkv_mean(key, values.mean())
+        for b, v in zip(bins, values):
+            logger.logkv_mean(f"{key}_q{b}", v)
+
+
+def _float_copies(params):
+    """Detached float32 copies (EMA and target masters)."""
+    return [p.detach().to(torch.float32, copy=True) for p in params]
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device():
+    if _distributed() and dist.get_backend() == "nccl":
+        return dist_util.dev()
+    return torch.device("cpu")
+
+
+def _broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def read_checkpoint(path):
+    """`dist_util.load_state_dict` (rank 0 reads, weights only) with one-line errors."""
+    try:
+        return dist_util.load_state_dict(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {detail}") from None
+
+
+# ----------------------------------------------------------------------------
+# Data whose batch k depends only on (seed, rank, k)
+
+
+def _collate(items):
+    """Default collation; a sample that failed to decode is passed on as it is."""
+    for item in items:
+        if not isinstance(item, tuple):
+            return item
+    return tuple(torch.utils.data.default_collate(items))
+
+
+class _StepBatchSampler:
+    """Index lists of batches start, start+1, ... of a `StepBatches` (endless)."""
+
+    def __init__(self, batches, start):
+        self.batches = batches
+        self.start = start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batches.indices(step)
+            step += 1
+
+
+class StepBatches:
+    """Endless (images, cond) batches where batch k is a function of (seed, rank, k).
+
+    Epoch e = k // (len(dataset) // batch_size) visits this rank's shard in a
+    permutation seeded by (seed, rank, e) (the last partial batch is dropped,
+    as with ``drop_last``); each batch's left-right flips are drawn from a
+    generator seeded by (seed, rank, k). ``seek(k)`` makes the next batch batch
+    k, which is how a resumed run continues exactly where it stopped.
+    ``dataset`` is an `image_datasets.ImageDataset` built without random flips.
+    """
+
+    def __init__(self, dataset, batch_size, seed=0, rank=None, random_flip=True, num_workers=1):
+        if len(dataset) < batch_size:
+            raise ValueError(f"{len(dataset)} images in this shard, fewer than the batch size {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = dist_util.get_rank() if rank is None else rank
+        self.random_flip = random_flip
+        self.num_workers = num_workers
+        self.steps_per_epoch = len(dataset) // batch_size
+        self._step = 0
+        self._iter = None
+        self._perm = (None, None)
+
+    def indices(self, step):
+        """Dataset indices of batch ``step``."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, epoch, _SEED_DATA_ORDER))
+            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
+        return self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
+
+    def seek(self, step):
+        """Make the next batch batch ``step``."""
+        if step != self._step or self._iter is None:
+            self._iter = None
+            self._step = step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iter is None:
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=_StepBatchSampler(self, self._step),
+                num_workers=self.num_workers,
+                collate_fn=_collate,
+            )
+            self._iter = iter(loader)
+        batch = next(self._iter)
+        if not isinstance(batch, tuple):
+            raise image_datasets.DataError(f"cannot read image {batch.path}: {batch.reason}")
+        images, cond = batch
+        if self.random_flip:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, self._step, _SEED_FLIPS))
+            flip = torch.rand(images.shape[0], generator=g) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        self._step += 1
+        return images, cond
+
+
+def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, seed=0, random_flip=True, num_workers=1):
+    """This rank's training batches as `StepBatches`, after `image_datasets.load_data`'s checks.
+
+    The folder is validated by ``load_data`` itself (same one-line DataErrors);
+    its files, classes, sharding and preprocessing are reused as they are.
+    """
+    image_datasets.load_data(
+        data_dir=data_dir,
+        batch_size=batch_size,
+        image_size=image_size,
+        class_cond=class_cond,
+        num_workers=0,
+    )
+    files = image_datasets.list_image_files(data_dir)
+    classes = image_datasets.class_ids(files) if class_cond else None
+    dataset = image_datasets.ImageDataset(
+        image_size,
+        files,
+        classes=classes,
+        shard=dist_util.get_rank(),
+        num_shards=dist_util.get_world_size(),
+        random_flip=False,
+    )
+    return StepBatches(dataset, batch_size, seed=seed, random_flip=random_flip, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------
+# SIGTERM: finish the step, save, stop
+
+
+class _StopOnSigterm:
+    """Records SIGTERM while the loop runs; `requested()` agrees across ranks."""
+
+    _UNSET = object()
+
+    def __enter__(self):
+        self.received = False
+        self._previous = self._UNSET
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not self._UNSET:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        return False
+
+    def requested(self):
+        """True on every rank when any rank got SIGTERM (collective with several processes)."""
+        if not _distributed():
+            return self.received
+        flag = torch.tensor([int(self.received)], device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------
+# The EDM loop
+
+
+class TrainLoop:
+    """EDM training of a denoiser (Karras et al. 2022) with RAdam, EMAs and checkpoints.
+
+    Extra keywords over the original: ``total_training_steps`` (stop after
+    that many steps; 0 = only ``lr_anneal_steps`` stops it), ``logging_dir``
+    (where checkpoints go and where ``resume_checkpoint="auto"`` looks; None =
+    ``logger.get_dir()`` at save time) and ``seed`` (None = no reseeding).
+    ``schedule_sampler`` defaults to log-normal σ; an index sampler's indices
+    are mapped onto the denoiser's ``num_timesteps``-point Karras grid.
+    ``resume_checkpoint`` is "", a ``modelNNNNNN.pt`` path, or "auto".
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        total_training_steps=0,
+        logging_dir=None,
+        seed=None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if log_interval < 1:
+            raise ValueError(f"--log_interval must be positive, got {log_interval}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"--seed must be non-negative, got {seed}")
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.schedule_sampler = schedule_sampler or LogNormalSampler()
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.total_training_steps = total_training_steps
+        self.logging_dir = logging_dir or None
+        self.seed = seed
+        self.rank = dist_util.get_rank()
+        self.world_size = dist_util.get_world_size()
+        self.global_batch = batch_size * self.world_size
+        self.step = 0
+        self._saved_step = None
+
+        self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
+        self._load_model()
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
+        )
+        self.use_fp16 = self.mp_trainer.use_fp16
+        self.opt = self._new_optimizer()
+        self.ema_params = [self._load_ema(rate) for rate in self.ema_rate]
+        self._load_optimizer()
+        self._setup_networks()
+        self.ddp_model = self._wrap_model()
+
+    # --- construction -----------------------------------------------------
+    def _resolve_resume(self, resume_checkpoint):
+        """The model file to resume from, or None; "auto" = latest complete one in logging_dir."""
+        if resume_checkpoint != "auto":
+            return resume_checkpoint or None
+        path = find_latest_checkpoint(self.logging_dir) if self.rank == 0 else None
+        path = _broadcast_object(path)
+        if path is None:
+            logger.log(f"--resume_checkpoint auto: no checkpoint in {self.logging_dir}; starting from scratch")
+        return path
+
+    def _initial_weights(self):
+        """Hook: set the model's weights before a checkpoint (if any) is loaded."""
+
+    def _load_model(self):
+        self._initial_weights()
+        if self.resume_checkpoint:
+            self.step = parse_resume_step(self.resume_checkpoint)
+            logger.log(f"loading model from checkpoint: {self.resume_checkpoint}")
+            state = read_checkpoint(self.resume_checkpoint)
+            load_model_state(self.model, state, self.resume_checkpoint)
+        dist_util.sync_params(self.model.parameters())
+        dist_util.sync_params(self.model.buffers())
+
+    def _sibling(self, kind, rate=None):
+        """(path, state) of a part of the resumed checkpoint, or None when absent."""
+        if not self.resume_checkpoint:
+            return None
+        name = checkpoint_filename(kind, self.step, rate)
+        path = os.path.join(os.path.dirname(self.resume_checkpoint), name)
+        try:
+            state = read_checkpoint(path)
+        except FileNotFoundError:
+            logger.log(f"no {name} beside {self.resume_checkpoint}; starting it from the model")
+            return None
+        logger.log(f"loading {path}")
+        return path, state
+
+    def _load_params(self, path, state):
+        """Float32 parameter list (model order) from a state_dict, checked against the model."""
+        state = strip_module_prefix(state)
+        check_state_dict(self.model.state_dict(), state, path)
+        return _float_copies(self.mp_trainer.state_dict_to_master_params(state))
+
+    def _load_ema(self, rate):
+        found = self._sibling("ema", rate)
+        if found is None:
+            return _float_copies(self.mp_trainer.master_params)
+        return self._load_params(*found)
+
+    def _new_optimizer(self):
+        return RAdam(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _load_optimizer(self):
+        found = self._sibling("opt")
+        if found is None:
+            return
+        path, state = found
+        state = dict(state)
+        lg_loss_scale = state.pop("lg_loss_scale", None)
+        self._check_optimizer_state(path, state)
+        try:
+            self.opt.load_state_dict(state)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path} does not fit the model built from the flags: {exc}") from None
+        for group in self.opt.param_groups:
+            group["weight_decay"] = self.weight_decay
+        if lg_loss_scale is not None and self.mp_trainer.loss_scaling:
+            self.mp_trainer.lg_loss_scale = float(lg_loss_scale)
+
+    def _check_optimizer_state(self, path, state):
+        """One-line error when the optimiser state's parameters do not match the model's."""
+        if not isinstance(state.get("state"), dict) or not isinstance(state.get("param_groups"), list):
+            raise CheckpointError(f"{path}: not an optimiser state_dict")
+        params = self.mp_trainer.master_params
+        saved = [i for g in state["param_groups"] for i in g.get("params", [])]
+        if len(saved) != len(params):
+            raise CheckpointError(
+                f"{path} does not fit the model built from the flags: "
+                f"{len(saved)} parameters in the optimiser state, {len(params)} in the model"
+            )
+        names = [name for name, _ in self.model.named_parameters()]
+        for index, p, name in zip(saved, params, names):
+            for key, value in state["state"].get(index, {}).items():
+                if torch.is_tensor(value) and value.ndim > 0 and tuple(value.shape) != tuple(p.shape):
+                    raise CheckpointError(
+                        f"{path} does not fit the model built from the flags: optimiser {key} of {name} "
+                        f"has shape {tuple(value.shape)} in the checkpoint, {tuple(p.shape)} in the model"
+                    )
+
+    def _setup_networks(self):
+        """Hook: load/prepare the other networks once the model and optimiser exist."""
+
+    def _wrap_model(self):
+        if not _distributed():
+            return self.model
+        if os.environ.get(NO_GRAD_SYNC_ENV):
+            logger.log(f"WARNING: {NO_GRAD_SYNC_ENV} is set: gradients are NOT synchronised across processes")
+            return self.model
+        cuda = dist_util.dev().type == "cuda"
+        return DDP(
+            self.model,
+            device_ids=[dist_util.dev()] if cuda else None,
+            output_device=dist_util.dev() if cuda else None,
+            broadcast_buffers=False,
+            bucket_cap_mb=128,
+            find_unused_parameters=False,
+        )
+
+    # --- the loop -----------------------------------------------------------
+    def finished(self):
+        """True once lr_anneal_steps or total_training_steps (when > 0) steps are done."""
+        if self.lr_anneal_steps and self.step >= self.lr_anneal_steps:
+            return True
+        return bool(self.total_training_steps) and self.step >= self.total_training_steps
+
+    def run_loop(self):
+        """Train until `finished()` or SIGTERM; checkpoint every save_interval steps and at the end."""
+        if hasattr(self.data, "seek"):
+            self.data.seek(self.step)
+        start, logged = self.step, self.step
+        with _StopOnSigterm() as stop:
+            while not self.finished():
+                before = self.step
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                if self.step != before:
+                    if self.save_interval > 0 and self.step % self.save_interval == 0:
+                        self.save()
+                    if self.step % self.log_interval == 0:
+                        logger.dumpkvs()
+                        logged = self.step
+                if stop.requested():
+                    logger.log(f"SIGTERM received: stopping after step {self.step}")
+                    break
+        if self.step != logged:
+            logger.dumpkvs()
+        if self.step != start and self._saved_step != self.step:
+            self.save()
+
+    def _seed_step(self):
+        if self.seed is not None:
+            seed_all(derived_seed(self.seed, self.rank, self.step, _SEED_STEP))
+
+    def _set_lr(self):
+        lr = self.lr
+        if self.lr_anneal_steps:
+            lr = self.lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        logger.logkv("lr", lr)
+
+    def run_step(self, batch, cond):
+        """One optimiser step on ``batch``; returns whether the step was taken."""
+        self._seed_step()
+        self._set_lr()
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self.log_step()
+        self.step += 1
+        return took_step
+
+    def _micro_batches(self, batch, cond):
+        """(slice, is_last) over the batch in micro-batch pieces."""
+        n = batch.shape[0]
+        for i in range(0, n, self.microbatch):
+            yield slice(i, i + self.microbatch), i + self.microbatch >= n
+
+    def _sync_context(self, last):
+        """Gradients are all-reduced in the last micro-batch's backward only."""
+        if isinstance(self.ddp_model, DDP) and not last:
+            return self.ddp_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _sample_sigmas(self, n, device):
+        """(σ, importance weights, grid indices or None) for n samples."""
+        if isinstance(self.schedule_sampler, ScheduleSampler):
+            indices, weights = self.schedule_sampler.sample(n, device)
+            d = self.diffusion
+            grid = get_sigmas_karras(d.num_timesteps, d.sigma_min, d.sigma_max, d.rho, device=device)
+            return grid[indices], weights, indices
+        sigmas, weights = self.schedule_sampler.sample(n, device)
+        return sigmas, weights, None
+
+    def forward_backward(self, batch, cond):
+        self.mp_trainer.zero_grad()
+        device = dist_util.dev()
+        batch = batch.to(device)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        n = batch.shape[0]
+        # σ and noise for the whole batch first: micro-batching changes nothing but memory
+        sigmas, weights, indices = self._sample_sigmas(n, device)
+        noise = torch.randn_like(batch)
+        batch_losses = []
+        for part, last in self._micro_batches(batch, cond):
+            with self._sync_context(last):
+                losses = self.diffusion.training_losses(
+                    self.ddp_model,
+                    batch[part],
+                    sigmas[part],
+                    model_kwargs={k: v[part] for k, v in cond.items()},
+                    noise=noise[part],
+                )
+                self.mp_trainer.backward((losses["loss"] * weights[part]).sum() / n)
+            log_loss_dict(self.diffusion, sigmas[part], {k: v * weights[part] for k, v in losses.items()})
+            batch_losses.append(losses["loss"].detach())
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(indices, torch.cat(batch_losses))
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def log_step(self):
+        logger.logkv("step", self.step)
+        logger.logkv("samples", (self.step + 1) * self.global_batch)
+
+    # --- checkpoints --------------------------------------------------------
+    def checkpoint_dir(self):
+        """Where checkpoints go: logging_dir, else the logger's directory."""
+        return self.logging_dir or logger.get_dir()
+
+    def _extra_checkpoint_files(self):
+        """Hook: [(kind, state_dict)] saved before the model file."""
+        return []
+
+    def checkpoint_state(self):
+        """[(file name, state)] of the checkpoint of the current step, model file last."""
+        opt_state = self.opt.state_dict()
+        if self.mp_trainer.loss_scaling:
+            opt_state["lg_loss_scale"] = self.mp_trainer.lg_loss_scale
+        files = [(checkpoint_filename("opt", self.step), opt_state)]
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            files.append((checkpoint_filename("ema", self.step, rate), self.mp_trainer.master_params_to_state_dict(params)))
+        for kind, state in self._extra_checkpoint_files():
+            files.append((checkpoint_filename(kind, self.step), state))
+        files.append((checkpoint_filename("model", self.step), self.mp_trainer.master_params_to_state_dict()))
+        return files
+
+    def save(self):
+        """Write the checkpoint of the current step (rank 0; each file atomically, model last)."""
+        if self.rank == 0:
+            directory = self.checkpoint_dir()
+            if directory is None:
+                raise ValueError("no logging directory to save checkpoints in (call logger.configure first)")
+            os.makedirs(directory, exist_ok=True)
+            for name, state in self.checkpoint_state():
+                save_atomic(state, os.path.join(directory, name))
+            logger.log(f"saved checkpoint of step {self.step} in {directory}")
+        dist_util.barrier()
+        self._saved_step = self.step
+
+
+# ----------------------------------------------------------------------------
+# The consistency loop
+
+
+class CMTrainLoop(TrainLoop):
+    """Consistency distillation / training (Song et al. 2023) and progressive distillation.
+
+    ``teacher_model``: the EDM teacher (eval mode, no gradients); when given, the
+    student (and the target) start as copies of it unless a checkpoint is
+    resumed. ``target_model``: the target network θ⁻ (consistency modes).
+    ``ema_scale_fn(step)`` gives (μ, N). In "progdist" the student is trained
+    to match two teacher steps with one; when N changes the current student
+    becomes the teacher, and the optimiser and EMAs restart.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_model,
+        teacher_model,
+        teacher_diffusion,
+        training_mode,
+        ema_scale_fn,
+        total_training_steps,
+        **kwargs,
+    ):
+        if training_mode not in CM_TRAINING_MODES:
+            raise ValueError(f"unknown training_mode {training_mode!r}; choose one of {', '.join(CM_TRAINING_MODES)}")
+        if training_mode != "consistency_training" and teacher_model is None:
+            raise ValueError(f"training_mode {training_mode} needs a teacher model")
+        if training_mode != "progdist" and target_model is None:
+            raise ValueError(f"training_mode {training_mode} needs a target model")
+        if not total_training_steps > 0:
+            raise ValueError(f"--total_training_steps must be positive, got {total_training_steps}")
+        self.training_mode = training_mode
+        self.target_model = target_model
+        self.teacher_model = teacher_model
+        self.teacher_diffusion = teacher_diffusion
+        self.ema_scale_fn = ema_scale_fn
+        self.target_master_params = None
+        super().__init__(total_training_steps=total_training_steps, **kwargs)
+
+    def _initial_weights(self):
+        if self.teacher_model is not None and not self.resume_checkpoint:
+            load_model_state(self.model, self.teacher_model.state_dict(), "the teacher model")
+
+    def _setup_networks(self):
+        if self.target_model is not None:
+            found = self._sibling("target_model")
+            if found is not None:
+                path, state = found
+                load_model_state(self.target_model, state, path)
+            else:
+                self.target_model.load_state_dict(self.mp_trainer.master_params_to_state_dict())
+            dist_util.sync_params(self.target_model.parameters())
+            self.target_model.requires_grad_(False)
+            self.target_model.train()
+            if self.mp_trainer.loss_scaling:
+                self.target_master_params = _float_copies(self.target_model.parameters())
+            else:
+                self.target_master_params = list(self.target_model.parameters())
+            if self.use_fp16:
+                self.target_model.convert_to_fp16()
+        if self.teacher_model is not None:
+            if self.training_mode == "progdist":
+                found = self._sibling("teacher_model")
+                if found is not None:
+                    path, state = found
+                    load_model_state(self.teacher_model, state, path)
+            dist_util.sync_params(self.teacher_model.parameters())
+            self.teacher_model.requires_grad_(False)
+            self.teacher_model.eval()
+            if self.use_fp16:
+                self.teacher_model.convert_to_fp16()
+
+    def run_step(self, batch, cond):
+        self._seed_step()
+        self._set_lr()
+        if self.training_mode == "progdist":
+            self._maybe_next_progdist_stage()
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        self.log_step()
+        if took_step:
+            self._update_ema()
+            if self.target_model is not None:
+                self._update_target_ema()
+            self.step += 1
+        elif hasattr(self.data, "seek"):
+            self.data.seek(self.step)  # retry the same step on the same batch
+        return took_step
+
+    def _maybe_next_progdist_stage(self):
+        """At the first step of a new N: teacher ← student, fresh optimiser and EMAs."""
+        if self.step == 0:
+            return
+        scales = self.ema_scale_fn(self.step)[1]
+        previous = self.ema_scale_fn(self.step - 1)[1]
+        if scales == previous:
+            return
+        logger.log(f"progdist: N {previous} -> {scales} at step {self.step}; the student becomes the teacher")
+        self.teacher_model.load_state_dict(self.mp_trainer.master_params_to_state_dict())
+        self.opt = self._new_optimizer()
+        self.ema_params = [_float_copies(self.mp_trainer.master_params) for _ in self.ema_rate]
+
+    def forward_backward(self, batch, cond):
+        self.mp_trainer.zero_grad()
+        device = dist_util.dev()
+        batch = batch.to(device)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        n = batch.shape[0]
+        target_ema, num_scales = self.ema_scale_fn(self.step)
+        for part, last in self._micro_batches(batch, cond):
+            micro_cond = {k: v[part] for k, v in cond.items()}
+            with self._sync_context(last):
+                if self.training_mode == "progdist":
+                    losses = self.diffusion.progdist_losses(
+                        self.ddp_model,
+                        batch[part],
+                        num_scales,
+                        model_kwargs=micro_cond,
+                        teacher_model=self.teacher_model,
+                        teacher_diffusion=self.teacher_diffusion,
+                    )
+                else:
+                    distill = self.training_mode == "consistency_distillation"
+                    losses = self.diffusion.consistency_losses(
+                        self.ddp_model,
+                        batch[part],
+                        num_scales,
+                        model_kwargs=micro_cond,
+                        target_model=self.target_model,
+                        teacher_model=self.teacher_model if distill else None,
+                        teacher_diffusion=self.teacher_diffusion if distill else None,
+                    )
+                self.mp_trainer.backward(losses["loss"].sum() / n)
+            log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
+        logger.logkv("num_scales", num_scales)
+        logger.logkv("target_ema", target_ema)
+
+    def _update_target_ema(self):
+        target_ema, _ = self.ema_scale_fn(self.step)
+        update_ema(self.target_master_params, self.mp_trainer.master_params, rate=target_ema)
+        if self.mp_trainer.loss_scaling:
+            master_params_to_model_params(list(self.target_model.parameters()), self.target_master_params)
+
+    def _extra_checkpoint_files(self):
+        files = []
+        if self.target_model is not None:
+            files.append(("target_model", master_params_to_state_dict(self.target_model, self.target_master_params)))
+        if self.training_mode == "progdist":
+            teacher = {k: v.float() if v.is_floating_point() else v for k, v in self.teacher_model.state_dict().items()}
+            files.append(("teacher_model", teacher))
+        return files
+
+
+# ----------------------------------------------------------------------------
+# Script plumbing
+
+
+class AgreedError(ValueError):
+    """A setup error that every rank raises with the same message (printed once)."""
+
+
+def on_all_ranks(fn):
+    """Return ``fn()``; if it fails on ANY rank, raise the same one-line error on every rank.
+
+    For setup steps that can fail on some ranks only (each rank checks its own
+    data shard): without this, the ranks that passed would go on into the next
+    collective and die of a lost peer instead of reporting the real problem.
+    """
+    error = None
+    try:
+        result = fn()
+    except (ValueError, OSError) as exc:
+        error, result = exc, None
+    if not _distributed():
+        if error is not None:
+            raise error
+        return result
+    messages = [None] * dist.get_world_size()
+    mine = None if error is None else " ".join(str(error).split()) or type(error).__name__
+    dist.all_gather_object(messages, mine)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise AgreedError(f"process {rank}: {message}") from error
+    return result
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"{category.__name__}: {message}\n"
+
+
+def run_cli(main, argv=None):
+    """Run a training script's ``main(argv)``; a bad input ends as ONE line on stderr.
+
+    ValueError/OSError (bad flags, data, checkpoints, missing files) print
+    ``<script>: error: <message>`` and exit with status 1 (an `AgreedError`
+    only on rank 0, since every rank has it); set CM_TRACEBACK=1 to see the
+    traceback instead. Warnings print as one line too.
+    """
+    warnings.formatwarning = _one_line_warning
+    prog = os.path.basename(sys.argv[0]) or "train"
+    try:
+        main(argv)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("CM_TRACEBACK"):
+            raise
+        sys.stdout.flush()
+        if not isinstance(exc, AgreedError) or dist_util.get_rank() == 0:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)

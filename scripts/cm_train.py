@@ -1,0 +1,151 @@
+"""Consistency distillation, consistency training or progressive distillation on a folder of images.
+
+Distillation starts from an EDM checkpoint (--teacher_model_path); consistency
+training needs no teacher. Launch plainly, with `mpiexec -n K`, or with
+`torchrun --nproc_per_node K`. Checkpoints, log.txt, progress.csv and
+args.json go to --logging_dir.
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import cm  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed: use the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from cm import dist_util, logger
+from cm.checkpoint import load_model_state
+from cm.script_util import (
+    add_dict_to_argparser,
+    cm_train_defaults,
+    create_ema_and_scales_fn,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    model_and_diffusion_kwargs,
+    train_defaults,
+)
+from cm.train_util import (
+    CM_TRAINING_MODES,
+    CMTrainLoop,
+    load_training_data,
+    on_all_ranks,
+    per_rank_batch_size,
+    read_checkpoint,
+    run_cli,
+)
+
+HELP = {
+    "schedule_sampler": "unused here (the consistency losses draw their own noise levels); kept so the "
+    "original's commands run",
+    "lpips_path": "LPIPS weights file for --loss_norm lpips (empty: $CM_LPIPS_PATH)",
+    "seed": "seed of the initial weights and of the per-(rank, step) noise, dropout and data order; "
+    "makes a resumed run continue exactly",
+}
+
+
+def create_argparser():
+    defaults = dict(model_and_diffusion_defaults())
+    defaults.update(train_defaults())
+    defaults.update(cm_train_defaults())
+    defaults.update(lpips_path="", seed=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults, help=HELP)
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    if args.training_mode not in CM_TRAINING_MODES:
+        raise ValueError(
+            f"--training_mode {args.training_mode} is not trained by cm_train.py; "
+            f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
+        )
+    if args.training_mode != "consistency_training" and not args.teacher_model_path:
+        raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
+    ema_scale_fn = create_ema_and_scales_fn(
+        target_ema_mode=args.target_ema_mode,
+        start_ema=args.start_ema,
+        scale_mode=args.scale_mode,
+        start_scales=args.start_scales,
+        end_scales=args.end_scales,
+        total_steps=args.total_training_steps,
+        distill_steps_per_iter=args.distill_steps_per_iter,
+    )
+    log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
+
+    # Build and check everything before anything is written to the logging dir.
+    dist_util.setup_dist()
+    batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
+    torch.manual_seed(args.seed)
+    # consistency models use the boundary-condition scalings; progdist students are EDM denoisers
+    distillation = args.training_mode != "progdist"
+    model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
+    model, diffusion = create_model_and_diffusion(**model_kwargs)
+    model.to(dist_util.dev())
+    if args.loss_norm == "lpips":
+        diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
+
+    teacher_model = teacher_diffusion = None
+    if args.teacher_model_path:
+        teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
+        teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
+        load_model_state(teacher_model, read_checkpoint(args.teacher_model_path), args.teacher_model_path)
+        teacher_model.to(dist_util.dev())
+
+    target_model = None
+    if args.training_mode != "progdist":
+        target_model, _ = create_model_and_diffusion(**model_kwargs)
+        target_model.to(dist_util.dev())
+
+    # each rank checks its own shard: agree on failure before the next collective
+    data = on_all_ranks(
+        lambda: load_training_data(
+            data_dir=args.data_dir,
+            batch_size=batch_size,
+            image_size=args.image_size,
+            class_cond=args.class_cond,
+            seed=args.seed,
+        )
+    )
+    loop = CMTrainLoop(
+        model=model,
+        target_model=target_model,
+        teacher_model=teacher_model,
+        teacher_diffusion=teacher_diffusion,
+        training_mode=args.training_mode,
+        ema_scale_fn=ema_scale_fn,
+        total_training_steps=args.total_training_steps,
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        logging_dir=log_dir,
+        seed=args.seed,
+    )
+
+    logger.configure(dir=log_dir)
+    logger.save_args({**vars(args), "logging_dir": logger.get_dir()})
+    if batch_note:
+        logger.log(batch_note)
+    logger.log(
+        f"{args.training_mode}: {dist_util.get_world_size()} process(es) x batch {batch_size}, from step {loop.step}"
+    )
+    loop.run_loop()
+    return loop
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,104 @@
+"""Train an EDM diffusion model on a folder of images (the teacher of consistency distillation).
+
+Launch plainly, with `mpiexec -n K`, or with `torchrun --nproc_per_node K`.
+Checkpoints, log.txt, progress.csv and args.json go to --logging_dir.
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import cm  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed: use the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from cm import dist_util, logger
+from cm.resample import create_named_schedule_sampler
+from cm.script_util import (
+    add_dict_to_argparser,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    model_and_diffusion_kwargs,
+    train_defaults,
+)
+from cm.train_util import TrainLoop, load_training_data, on_all_ranks, per_rank_batch_size, run_cli
+
+HELP = {
+    "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
+    "(importance sampling over the 40-point Karras grid); uniform is refused",
+    "total_training_steps": "stop after this many steps (0: no limit besides --lr_anneal_steps)",
+    "seed": "seed of the initial weights and of the per-(rank, step) noise, dropout and data order; "
+    "makes a resumed run continue exactly",
+}
+
+
+def create_argparser():
+    defaults = dict(model_and_diffusion_defaults())
+    defaults.update(train_defaults())
+    defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults, help=HELP)
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    if args.schedule_sampler == "uniform":
+        raise ValueError(
+            "--schedule_sampler uniform draws grid indices, which the original fed to the EDM loss as if they "
+            "were noise levels σ; use lognormal (the default) or loss-second-moment"
+        )
+    log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
+
+    # Build and check everything before anything is written to the logging dir.
+    dist_util.setup_dist()
+    batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
+    torch.manual_seed(args.seed)
+    model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    # each rank checks its own shard: agree on failure before the next collective
+    data = on_all_ranks(
+        lambda: load_training_data(
+            data_dir=args.data_dir,
+            batch_size=batch_size,
+            image_size=args.image_size,
+            class_cond=args.class_cond,
+            seed=args.seed,
+        )
+    )
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        total_training_steps=args.total_training_steps,
+        logging_dir=log_dir,
+        seed=args.seed,
+    )
+
+    logger.configure(dir=log_dir)
+    logger.save_args({**vars(args), "logging_dir": logger.get_dir()})
+    if batch_note:
+        logger.log(batch_note)
+    logger.log(f"training: {dist_util.get_world_size()} process(es) x batch {batch_size}, from step {loop.step}")
+    loop.run_loop()
+    return loop
+
+
+if __name__ == "__main__":
+    run_cli(main)
