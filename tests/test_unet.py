@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import golden
+from cm.checkpoint import CheckpointError, load_model_state
 from cm.nn import timestep_embedding
 from cm.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults
 from cm.unet import QKVAttention
@@ -70,11 +71,18 @@ def test_fresh_model_round_trips_through_torch_save():
     assert torch.equal(forward(model), forward(other))
 
 
-def test_checkpoint_for_other_flags_fails_to_load_strictly():
+def test_checkpoint_for_other_flags_fails_naming_the_first_bad_key_and_both_shapes():
     sd = build(small_flags()).state_dict()
     other = build(small_flags(num_channels=64))
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(sd, strict=True)
+    with pytest.raises(CheckpointError) as e:
+        load_model_state(other, sd, "ckpt.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and "ckpt.pt" in msg
+    assert "time_embed.0.weight" in msg and "(128, 32)" in msg and "(256, 64)" in msg
+    # a checkpoint of a DDP-wrapped model (module. prefix) loads into the plain model
+    load_model_state(build(small_flags()), {f"module.{k}": v for k, v in sd.items()}, "ddp.pt")
 
 
 def naive_attention(qkv, heads):
