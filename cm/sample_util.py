@@ -89,10 +89,11 @@ def sample_flag_defaults():
     return dict(**sample_defaults(), **model_and_diffusion_defaults(), class_labels="")
 
 
-def create_argparser(defaults=None, description=None):
+def create_argparser(defaults=None, description=None, help=None):
     """A one-line-error parser with a ``--key`` for every default, typed, with help and choices."""
     parser = OneLineArgumentParser(description=description)
-    add_dict_to_argparser(parser, sample_flag_defaults() if defaults is None else defaults, help=SAMPLE_HELP)
+    defaults = sample_flag_defaults() if defaults is None else defaults
+    add_dict_to_argparser(parser, defaults, help={**SAMPLE_HELP, **(help or {})})
     return parser
 
 
@@ -138,14 +139,20 @@ def parse_class_labels(text, class_cond):
     return values
 
 
-def check_sample_args(args):
-    """Validate the sampling flags; returns (ts list or None, class label list or None)."""
+def check_common_args(args):
+    """Validate the flags every sampling script shares; returns the class label list or None."""
     for flag in ("num_samples", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if not args.model_path:
         raise UsageError("--model_path is required: the checkpoint to sample from")
-    return parse_ts(args.ts, args.steps, args.sampler), parse_class_labels(args.class_labels, args.class_cond)
+    return parse_class_labels(args.class_labels, args.class_cond)
+
+
+def check_sample_args(args):
+    """Validate image_sample.py's flags; returns (ts list or None, class label list or None)."""
+    class_labels = check_common_args(args)
+    return parse_ts(args.ts, args.steps, args.sampler), class_labels
 
 
 def uses_distillation(training_mode):
@@ -169,18 +176,19 @@ def strip_wrapper_prefix(state_dict, expected_keys):
     ``module._orig_mod.``). Returns (state_dict, removed prefix or "").
     """
     expected = set(expected_keys)
+    model_heads = {k.split(".", 1)[0] for k in expected}
     removed = ""
     keys = list(state_dict)
     while keys and not set(keys) <= expected:
         heads = {k.split(".", 1)[0] if "." in k else None for k in keys}
         if len(heads) != 1 or None in heads:
             break
-        head = heads.pop() + "."
-        stripped = [k[len(head):] for k in keys]
-        if sum(k in expected for k in stripped) <= sum(k in expected for k in keys):
+        head = heads.pop()
+        if head in model_heads:  # a real module name of the model, not a wrapper
             break
+        head += "."
         state_dict = {k[len(head):]: v for k, v in state_dict.items()}
-        keys = stripped
+        keys = list(state_dict)
         removed += head
     return state_dict, removed
 
@@ -376,7 +384,7 @@ def samples_filename(images, ext="npz"):
     return "samples_" + "x".join(str(d) for d in images.shape) + "." + ext
 
 
-def _write_atomic(path, write):
+def write_atomic(path, write):
     """Write through ``write(binary file)`` into a temp file beside ``path``, then rename it over."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -408,7 +416,7 @@ def save_npz(path, arrays):
                 with z.open(info, "w", force_zip64=True) as entry:
                     np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def image_grid(images, columns=8):
@@ -428,7 +436,7 @@ def save_grid_png(path, images, count=64, columns=8):
     from PIL import Image
 
     grid = image_grid(images[:count], columns)
-    _write_atomic(path, lambda f: Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(f, format="PNG"))
+    write_atomic(path, lambda f: Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(f, format="PNG"))
 
 
 def save_samples(folder, images, labels=None):
