@@ -22,6 +22,7 @@ from PIL import Image
 import golden
 from cm.karras_diffusion import karras_sample
 from cm.random_util import get_generator
+from cm.samplers import SAMPLERS
 from cm.sample_util import (
     CheckpointMismatch,
     UsageError,
@@ -35,6 +36,7 @@ from cm.sample_util import (
     samples_filename,
     save_npz,
     strip_wrapper_prefix,
+    uses_distillation,
 )
 from cm.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -136,7 +138,7 @@ ERROR_CASES = {
     "ts-missing": (["--sampler", "multistep"], "--sampler multistep needs --ts"),
     "unknown-sampler": (["--sampler", "lms"], "argument --sampler: invalid choice: 'lms'"),
     "missing-model": (["--model_path", "/nonexistent/model.pt"], "checkpoint not found: /nonexistent/model.pt"),
-    "mismatch": (["--num_channels", "64"], "key 'time_embed.0.weight' has shape (128, 32) in the checkpoint but (256, 64)"),
+    "mismatch": (["--num_channels", "64"], "time_embed.0.weight has shape (128, 32) in the checkpoint, (256, 64) in the model"),
 }  # fmt: skip
 
 
@@ -262,11 +264,9 @@ def test_same_npz_for_any_batch_size_and_world_size(jobs):
         assert files[n] == files["b4"], f"{n} differs from b4"
 
 
-def test_sample_images_batch_invariant_in_process(ckpts):
+def test_sample_images_batch_invariant_in_process(tiny_model):
     """Both seeded generators, batch sizes 3 and 10 (padding, one batch): same images and labels."""
-    model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
-    model.load_state_dict(torch.load(ckpts["tiny"], weights_only=True))
-    model.eval()
+    model, diffusion = tiny_model
     with one_thread():
         for gen in ("determ", "determ-indiv"):
             common = dict(num_samples=7, image_size=8, steps=3, sampler="euler", generator=gen, seed=5,
@@ -276,6 +276,31 @@ def test_sample_images_batch_invariant_in_process(ckpts):
             assert a.shape == (7, 8, 8, 3) and np.array_equal(la, lb) and np.array_equal(a, b), gen
             fixed, lf = sample_images(model, diffusion, batch_size=3, class_labels=[2, 9], **common)
             assert lf.tolist() == [2, 9, 2, 9, 2, 9, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(ckpts):
+    model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
+    model.load_state_dict(torch.load(ckpts["tiny"], weights_only=True))
+    return model.eval(), diffusion
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_through_sample_images(tiny_model, sampler):
+    model, diffusion = tiny_model
+    ts = [0, 1, 2] if sampler == "multistep" else None
+    with one_thread():
+        images, labels = sample_images(
+            model, diffusion, num_samples=3, batch_size=2, image_size=8, steps=3, sampler=sampler, ts=ts,
+            class_cond=True, progress=False, s_churn=0.5,
+        )  # fmt: skip
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (3,)
+
+
+def test_training_mode_chooses_the_scalings():
+    assert [uses_distillation(m) for m in ("edm", "consistency_distillation", "consistency_training", "progdist")] == [
+        False, True, True, False,
+    ]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -342,14 +367,18 @@ def test_load_model_state_errors_name_key_and_shapes():
     bad = dict(sd, **{"out.2.weight": torch.zeros(3, 16, 3, 3)})
     with pytest.raises(CheckpointMismatch) as e:
         load_model_state(model, bad, "ckpt.pt")
-    assert "'out.2.weight' has shape (3, 16, 3, 3) in the checkpoint but (3, 32, 3, 3) in the model" in str(e.value)
+    assert "out.2.weight has shape (3, 16, 3, 3) in the checkpoint, (3, 32, 3, 3) in the model" in str(e.value)
     missing = {k: v for k, v in sd.items() if k != "label_emb.weight"}
-    with pytest.raises(CheckpointMismatch, match=r"'label_emb.weight' has shape \(absent\) in the checkpoint but \(10, 128\)"):
+    with pytest.raises(CheckpointMismatch, match=r"key label_emb.weight missing from the checkpoint \(model: \(10, 128\)\)"):
         load_model_state(model, missing, "ckpt.pt")
-    with pytest.raises(CheckpointMismatch, match=r"'extra' has shape \(2,\) in the checkpoint but \(absent\)"):
+    with pytest.raises(CheckpointMismatch, match=r"unexpected key extra \(checkpoint: \(2,\)\)"):
         load_model_state(model, dict(sd, extra=torch.zeros(2)), "ckpt.pt")
-    with pytest.raises(CheckpointMismatch, match="not a state_dict"):
+    with pytest.raises(CheckpointMismatch, match="expected a state_dict, found a list"):
         load_model_state(model, [1, 2], "ckpt.pt")
+    for err in (bad, missing):  # one line, whatever the message
+        with pytest.raises(CheckpointMismatch) as e:
+            load_model_state(model, err, "ckpt.pt")
+        assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------
