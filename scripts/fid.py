@@ -37,7 +37,9 @@ def str2bool(v):
 def create_parser():
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sample_npz", default="", help="samples to evaluate: .npz with arr_0 uint8 [N,H,W,3] (default: none)")
+    p.add_argument(
+        "--sample_npz", default="", help="samples to evaluate: .npz with arr_0 uint8 [N,H,W,3] (default: none)"
+    )
     p.add_argument(
         "--ref",
         default="",

@@ -48,7 +48,9 @@ def create_parser():
         help="store the train pool3 features in the stats file, for precision/recall (default: False)",
     )
     p.add_argument("--batch_size", type=int, default=100, help="images per Inception forward pass (default: 100)")
-    p.add_argument("--device", default=default_device, help=f"torch device for the statistics (default: {default_device})")
+    p.add_argument(
+        "--device", default=default_device, help=f"torch device for the statistics (default: {default_device})"
+    )
     p.add_argument("--progress", type=str2bool, default=True, help="show progress bars (default: True)")
     return p
 
@@ -61,7 +63,9 @@ def main(argv=None):
     for split, folder in folders.items():
         print(f"wrote {len(data[split][0])} {split} images to {folder}")
     if model is not None:
-        feats, _ = compute_activations(data["train"][0], model, args.batch_size, args.device, args.progress, "train stats")
+        feats, _ = compute_activations(
+            data["train"][0], model, args.batch_size, args.device, args.progress, desc="train stats"
+        )
         mu, sigma = feature_stats(feats)
         path = os.path.join(args.out, STATS_NAME)
         save_stats(path, mu, sigma, feats if args.save_feats else None)

@@ -359,12 +359,13 @@ def test_fid_script_end_to_end(tmp_path, random_inception):
     env = dict(os.environ, **{ENV_VAR: random_inception})
     r2 = run_fid(
         "--sample_npz", str(tmp_path / "samples.npz"), "--ref", str(stats), "--precision_recall", "True",
-        "--splits", "2", "--json", str(tmp_path / "r2.json"), env=env,
+        "--splits", "2", "--batch_size", "5", "--json", str(tmp_path / "r2.json"), env=env,
     )  # fmt: skip
     assert r2.returncode == 0, r2.stderr
     res2 = json.loads((tmp_path / "r2.json").read_text())
     for key in ("fid", "is_mean", "is_std", "precision", "recall"):
-        assert res2[key] == pytest.approx(res1[key], rel=1e-6, abs=1e-9), key
+        # Other batch size: float32 features differ by rounding only (is_std ~1e-4 is a difference).
+        assert res2[key] == pytest.approx(res1[key], rel=1e-5, abs=1e-6), key
 
     # Statistics from a folder of PNGs of the same images equal those from the npz.
     folder = tmp_path / "pngs"
