@@ -22,16 +22,7 @@ from cm.evaluation import (
     save_stats,
 )
 from cm.inception import ENV_VAR, InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
-
-
-def str2bool(v):
-    """yes/true/t/y/1 and no/false/f/n/0, case-insensitive (SPEC §1)."""
-    s = str(v).lower()
-    if s in ("yes", "true", "t", "y", "1"):
-        return True
-    if s in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+from cm.script_util import str2bool
 
 
 def create_parser():

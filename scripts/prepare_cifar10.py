@@ -17,18 +17,9 @@ import torch
 from cm.cifar10 import CifarArchiveError, export_pngs, read_cifar10
 from cm.evaluation import EvaluationError, compute_activations, feature_stats, save_stats
 from cm.inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
+from cm.script_util import str2bool
 
 STATS_NAME = "cifar10_train_stats.npz"
-
-
-def str2bool(v):
-    """yes/true/t/y/1 and no/false/f/n/0, case-insensitive (SPEC §1)."""
-    s = str(v).lower()
-    if s in ("yes", "true", "t", "y", "1"):
-        return True
-    if s in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
 def create_parser():
