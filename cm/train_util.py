@@ -174,7 +174,7 @@ def read_checkpoint(path):
     """`dist_util.load_state_dict` (rank 0 reads, weights only) with one-line errors."""
     try:
         return dist_util.load_state_dict(path)
-    except FileNotFoundError:
+    except OSError:  # missing or unreadable: dist_util's message is one line already
         raise
     except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
         detail = (str(exc).strip().splitlines() or [""])[0]
