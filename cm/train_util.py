@@ -21,6 +21,16 @@ After it, ``loop.step`` = k+1 steps are done; checkpoints carry that number.
 In the consistency loop a skipped fp16 step is retried and does not count (as
 in the original); in the EDM loop it counts.
 
+Resuming is bit-exact (tested on CPU: 4 straight steps and 2 + resume + 2
+give identical model, EMA, optimiser and target files) because nothing a step
+does depends on the path to it: RNGs and data are functions of (seed, rank,
+k), the learning rate of k, and the checkpoint holds the rest (the fp16 loss
+scale rides in the opt file). Not covered: the loss-second-moment sampler's
+loss history (not checkpointed), a different world size or batch size, and
+non-deterministic CUDA kernels. Schedules that depend on
+total_training_steps (progressive N, adaptive μ) of course differ between
+runs given different totals.
+
 Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
 grad_norm, param_norm, lr, lg_loss_scale (fp16), step (index of the step just
 taken) and samples = (step+1)·global batch; the consistency loop adds
