@@ -651,7 +651,8 @@ class TrainLoop:
             opt_state["lg_loss_scale"] = self.mp_trainer.lg_loss_scale
         files = [(checkpoint_filename("opt", self.step), opt_state)]
         for rate, params in zip(self.ema_rate, self.ema_params):
-            files.append((checkpoint_filename("ema", self.step, rate), self.mp_trainer.master_params_to_state_dict(params)))
+            state = self.mp_trainer.master_params_to_state_dict(params)
+            files.append((checkpoint_filename("ema", self.step, rate), state))
         for kind, state in self._extra_checkpoint_files():
             files.append((checkpoint_filename(kind, self.step), state))
         files.append((checkpoint_filename("model", self.step), self.mp_trainer.master_params_to_state_dict()))

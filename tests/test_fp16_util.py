@@ -149,7 +149,9 @@ def test_fp16_unet_on_cuda():
     from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
     kw = model_and_diffusion_defaults()
-    kw.update(image_size=16, channel_mult="1,2", num_channels=32, num_res_blocks=1, attention_resolutions="8", use_fp16=True)
+    kw.update(
+        image_size=16, channel_mult="1,2", num_channels=32, num_res_blocks=1, attention_resolutions="8", use_fp16=True
+    )
     model, diffusion = create_model_and_diffusion(**kw)
     model.cuda()
     trainer = MixedPrecisionTrainer(model=model, use_fp16=True)

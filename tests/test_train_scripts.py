@@ -319,10 +319,13 @@ def test_consistency_training_resumes_exactly(digits_dir, tmp_path):
     ok(run(script("cm_train.py", common, f"--logging_dir {straight} --total_training_steps 4")))
     ok(run(script("cm_train.py", common, f"--logging_dir {split} --total_training_steps 2")))
     assert checkpoint_files(split, 4) == []
-    proc = ok(run(script("cm_train.py", common, f"--logging_dir {split} --total_training_steps 4 --resume_checkpoint auto")))
+    resume = f"--logging_dir {split} --total_training_steps 4 --resume_checkpoint auto"
+    proc = ok(run(script("cm_train.py", common, resume)))
     assert f"loading model from checkpoint: {split / 'model000002.pt'}" in proc.stdout
     files = checkpoint_files(straight, 4)
-    assert files == ["ema_0.99_000004.pt", "ema_0.9_000004.pt", "model000004.pt", "opt000004.pt", "target_model000004.pt"]
+    assert files == [
+        "ema_0.99_000004.pt", "ema_0.9_000004.pt", "model000004.pt", "opt000004.pt", "target_model000004.pt"
+    ]
     assert checkpoint_files(split, 4) == files
     for name in files:
         a = torch.load(straight / name, weights_only=True)
@@ -342,7 +345,9 @@ def test_progdist_runs_and_saves(digits_dir, tmp_path):
     from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
     kw = model_and_diffusion_defaults()
-    kw.update(image_size=8, channel_mult="1,2", attention_resolutions="4", num_channels=32, num_res_blocks=1, class_cond=True)
+    kw.update(
+        image_size=8, channel_mult="1,2", attention_resolutions="4", num_channels=32, num_res_blocks=1, class_cond=True
+    )
     teacher_model, _ = create_model_and_diffusion(**kw)
     with torch.no_grad():
         for p in teacher_model.parameters():
@@ -452,7 +457,9 @@ def identical(a, b):
 def test_two_processes_sync_gradients_under_mpiexec_and_torchrun(digits_dir, tmp_path):
     mpi = two_process_run("mpiexec", tmp_path / "mpi", tmp_path / "mpi_logs", digits_dir)
     tr = two_process_run("torchrun", tmp_path / "tr", tmp_path / "tr_logs", digits_dir)
-    unsynced = two_process_run("mpiexec", tmp_path / "nosync", tmp_path / "nosync_logs", digits_dir, CM_NO_GRAD_SYNC="1")
+    unsynced = two_process_run(
+        "mpiexec", tmp_path / "nosync", tmp_path / "nosync_logs", digits_dir, CM_NO_GRAD_SYNC="1"
+    )
     for r0, r1 in (mpi, tr):
         assert r0["world"] == r1["world"] == 2 and r0["step"] == r1["step"] == 3
         assert r0["ddp"] == "DistributedDataParallel"
