@@ -1,0 +1,449 @@
+"""Throughput of the four hot loops, in images per second, with peak memory.
+
+* ``edm_train``: one EDM training step of `cm.train_util.TrainLoop` (log-normal
+  σ, forward, backward, RAdam, EMA update);
+* ``cd_train``: one consistency-distillation step of `CMTrainLoop` (teacher
+  Heun step = 2 teacher evaluations, target evaluation, student forward and
+  backward, RAdam, EMA and target-EMA updates);
+* ``onestep``: one-step consistency sampling (`karras_sample`, sampler onestep);
+* ``heun_step``: one step of the Heun sampler between two adjacent levels of an
+  18-level schedule (2 evaluations; a whole 18-step sample costs 17.5 of them).
+
+Method: the objects are built first and not timed; ``warmup`` untimed
+iterations, then ``repeats`` timed ones, each bracketed by a CUDA synchronise;
+the median is reported (images/s = batch / median seconds). Peak memory: on
+CUDA the allocator's peak during the timed part; on a CPU the peak resident
+set size of the process, which by default runs each benchmark alone in a fresh
+child process (``isolate``), so it includes Python and torch themselves.
+"""
+
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+import traceback
+
+import torch
+
+from .script_util import add_dict_to_argparser, model_and_diffusion_defaults, str2bool
+
+BENCHMARKS = ("edm_train", "cd_train", "onestep", "heun_step")
+
+DESCRIPTIONS = {
+    "edm_train": "EDM training step (fwd+bwd, RAdam, EMA)",
+    "cd_train": "CD step (teacher Heun + target + student fwd/bwd)",
+    "onestep": "one-step CM sampling",
+    "heun_step": "one Heun step (EDM sampler)",
+}
+
+# network evaluations per image in one iteration (a backward counts as none)
+EVALUATIONS = {"edm_train": 1, "cd_train": 4, "onestep": 1, "heun_step": 2}
+
+# The CIFAR-10 network of the README's distillation command.
+SEED_CONFIG = dict(
+    image_size=32,
+    num_channels=128,
+    num_res_blocks=3,
+    attention_resolutions="16,8",
+    num_head_channels=32,
+    class_cond=True,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    dropout=0.0,
+)
+
+BENCH_HELP = {
+    "benchmarks": "comma list of " + ", ".join(BENCHMARKS),
+    "device": "auto (cuda when available), cpu or cuda",
+    "batch_size": "images per iteration (-1: 8 on a CPU, 128 on CUDA)",
+    "repeats": "timed iterations (the median is reported)",
+    "warmup": "untimed iterations first",
+    "use_fp16": "auto (float16 on CUDA, float32 on a CPU), True or False; True on a CPU runs float32",
+    "dropout": "dropout of the student and the samplers' networks",
+    "edm_dropout": "dropout of the EDM network (training step and distillation teacher)",
+    "lr": "learning rate of the RAdam steps",
+    "ema_rate": "EMA rate(s) updated by the training steps",
+    "start_scales": "discretisation steps N of the distillation step",
+    "start_ema": "target EMA rate μ of the distillation step",
+    "loss_norm": "distance of the distillation step (lpips needs its weights)",
+    "lpips_path": "LPIPS weights for --loss_norm lpips (empty: $CM_LPIPS_PATH)",
+    "threads": "torch CPU threads (0: torch's default)",
+    "isolate": "run each benchmark in a fresh process (clean peak memory)",
+    "seed": "seed of the weights and inputs",
+    "json": "print one JSON object instead of the table",
+}
+
+
+def benchmark_defaults():
+    """Every flag: the model flags (seed configuration) and the benchmark's own."""
+    defaults = dict(model_and_diffusion_defaults())
+    defaults.update(SEED_CONFIG)
+    defaults.update(
+        use_fp16="auto",
+        benchmarks=",".join(BENCHMARKS),
+        device="auto",
+        batch_size=-1,
+        repeats=5,
+        warmup=2,
+        edm_dropout=0.1,
+        lr=1e-4,
+        ema_rate="0.9999",
+        start_scales=18,
+        start_ema=0.95,
+        loss_norm="l2",
+        lpips_path="",
+        threads=0,
+        isolate=True,
+        seed=0,
+    )
+    return defaults
+
+
+def create_argparser():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, benchmark_defaults(), help=BENCH_HELP)
+    parser.add_argument("--json", nargs="?", const=True, default=False, type=str2bool, help=BENCH_HELP["json"])
+    return parser
+
+
+def resolve(args):
+    """Check the flags and fill in the automatic ones; returns a plain dict."""
+    cfg = dict(vars(args))
+    names = [b.strip() for b in cfg["benchmarks"].split(",") if b.strip()]
+    unknown = [b for b in names if b not in BENCHMARKS]
+    if unknown or not names:
+        raise ValueError(f"--benchmarks: unknown {unknown or 'empty list'}; choose from {', '.join(BENCHMARKS)}")
+    cfg["benchmarks"] = names
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["device"] not in ("cpu", "cuda") and not cfg["device"].startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    cuda = cfg["device"].startswith("cuda")
+    if cfg["batch_size"] == -1:
+        cfg["batch_size"] = 128 if cuda else 8
+    for flag in ("batch_size", "repeats"):
+        if cfg[flag] < 1:
+            raise ValueError(f"--{flag} must be positive, got {cfg[flag]}")
+    if cfg["warmup"] < 0:
+        raise ValueError(f"--warmup must be non-negative, got {cfg['warmup']}")
+    cfg["use_fp16"] = cuda if cfg["use_fp16"] == "auto" else str2bool(cfg["use_fp16"])
+    # float16 only runs on CUDA (cm.fp16_util.resolve_use_fp16 says so once per process)
+    cfg["dtype"] = "float16" if cfg["use_fp16"] and cuda else "float32"
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# The timed steps
+
+
+def _model_kwargs(cfg, **overrides):
+    keys = model_and_diffusion_defaults().keys()
+    kwargs = {k: cfg[k] for k in keys}
+    kwargs["use_fp16"] = cfg["dtype"] == "float16"
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _inputs(cfg, device):
+    g = torch.Generator().manual_seed(cfg["seed"])
+    n, size = cfg["batch_size"], cfg["image_size"]
+    x = (torch.rand(n, 3, size, size, generator=g) * 2 - 1).to(device)
+    cond = {"y": torch.randint(0, 10, (n,), generator=g).to(device)} if cfg["class_cond"] else {}
+    return x, cond
+
+
+def _train_loop_kwargs(cfg, model, diffusion):
+    return dict(
+        model=model,
+        diffusion=diffusion,
+        data=None,
+        batch_size=cfg["batch_size"],
+        microbatch=-1,
+        lr=cfg["lr"],
+        ema_rate=cfg["ema_rate"],
+        log_interval=10**9,
+        save_interval=0,
+        resume_checkpoint="",
+        use_fp16=cfg["dtype"] == "float16",
+        seed=cfg["seed"],
+    )
+
+
+def setup_edm_train(cfg, device):
+    from .script_util import create_model_and_diffusion
+    from .train_util import TrainLoop
+
+    model, diffusion = create_model_and_diffusion(**_model_kwargs(cfg, dropout=cfg["edm_dropout"]))
+    model.to(device)
+    loop = TrainLoop(**_train_loop_kwargs(cfg, model, diffusion))
+    x, cond = _inputs(cfg, device)
+    return lambda: loop.run_step(x, cond), model
+
+
+def setup_cd_train(cfg, device):
+    from .script_util import create_ema_and_scales_fn, create_model_and_diffusion
+    from .train_util import CMTrainLoop
+
+    kwargs = _model_kwargs(cfg, distillation=True, loss_norm=cfg["loss_norm"], lpips_path=cfg["lpips_path"] or None)
+    model, diffusion = create_model_and_diffusion(**kwargs)
+    target, _ = create_model_and_diffusion(**kwargs)
+    teacher_kwargs = dict(kwargs, dropout=cfg["edm_dropout"], distillation=False)
+    teacher, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
+    for m in (model, target, teacher):
+        m.to(device)
+    if cfg["loss_norm"] == "lpips":
+        diffusion.lpips_loss  # load the weights before timing
+    ema_scale_fn = create_ema_and_scales_fn(
+        target_ema_mode="fixed",
+        start_ema=cfg["start_ema"],
+        scale_mode="fixed",
+        start_scales=cfg["start_scales"],
+        end_scales=cfg["start_scales"],
+        total_steps=10**9,
+        distill_steps_per_iter=50000,
+    )
+    loop = CMTrainLoop(
+        target_model=target,
+        teacher_model=teacher,
+        teacher_diffusion=teacher_diffusion,
+        training_mode="consistency_distillation",
+        ema_scale_fn=ema_scale_fn,
+        total_training_steps=10**9,
+        **_train_loop_kwargs(cfg, model, diffusion),
+    )
+    x, cond = _inputs(cfg, device)
+    return lambda: loop.run_step(x, cond), model
+
+
+def _sampling_model(cfg, device, distillation):
+    from .script_util import create_model_and_diffusion
+
+    kwargs = _model_kwargs(cfg, distillation=distillation)
+    model, diffusion = create_model_and_diffusion(**kwargs)
+    model.to(device)
+    if kwargs["use_fp16"]:
+        model.convert_to_fp16()
+    return model.eval(), diffusion
+
+
+def setup_onestep(cfg, device):
+    from .karras_diffusion import karras_sample
+    from .random_util import get_generator
+
+    model, diffusion = _sampling_model(cfg, device, distillation=True)
+    _, cond = _inputs(cfg, device)
+    shape = (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"])
+    generator = get_generator("dummy")
+
+    def step():
+        return karras_sample(
+            diffusion, model, shape, steps=40, model_kwargs=cond, device=device, sampler="onestep",
+            sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"], generator=generator,
+        )
+
+    return step, model
+
+
+def setup_heun_step(cfg, device):
+    from .random_util import get_generator
+    from .samplers import sample_heun
+    from .schedules import get_sigmas_karras
+
+    model, diffusion = _sampling_model(cfg, device, distillation=False)
+    _, cond = _inputs(cfg, device)
+    # two adjacent levels in the middle of an 18-level schedule: one step with its Heun correction
+    sigmas = get_sigmas_karras(18, cfg["sigma_min"], cfg["sigma_max"], device=device)[8:10]
+    generator = get_generator("dummy")
+    x = generator.randn(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"], device=device) * sigmas[0]
+
+    def denoiser(x_t, sigma):
+        return diffusion.denoise(model, x_t, sigma, **cond)[1].clamp(-1, 1)
+
+    return lambda: sample_heun(denoiser, x, sigmas, generator), model
+
+
+SETUPS = {
+    "edm_train": setup_edm_train,
+    "cd_train": setup_cd_train,
+    "onestep": setup_onestep,
+    "heun_step": setup_heun_step,
+}
+
+
+def _peak_rss_mib():
+    """Peak resident set size of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
+def _current_rss_mib():
+    """Resident set size of this process now, in MiB (None where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
+def run_one(name, cfg):
+    """Set up and time one benchmark in this process; returns its result dict."""
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    rss_start = _current_rss_mib()
+    torch.manual_seed(cfg["seed"])
+    device = torch.device(cfg["device"])
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    step, model = SETUPS[name](cfg, device)
+    for _ in range(cfg["warmup"]):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(cfg["repeats"]):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    result = dict(
+        name=name,
+        description=DESCRIPTIONS[name],
+        batch_size=cfg["batch_size"],
+        evaluations_per_image=EVALUATIONS[name],
+        seconds=times,
+        median_s=median,
+        images_per_s=cfg["batch_size"] / median,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    if cuda:
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["peak_memory_kind"] = "cuda_allocated"
+    else:
+        result["peak_memory_mib"] = _peak_rss_mib()
+        result["peak_memory_kind"] = "process_rss" if cfg["isolate"] else "process_rss_so_far"
+        if rss_start is not None:
+            result["rss_before_setup_mib"] = rss_start
+    return result
+
+
+def _child(name, cfg, queue):
+    try:
+        queue.put(("ok", run_one(name, cfg)))
+    except BaseException:  # report anything, including KeyboardInterrupt, to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_isolated(name, cfg):
+    """`run_one` in a fresh spawned process (so its peak RSS is this benchmark's alone)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, cfg, queue))
+    proc.start()
+    try:
+        status, payload = queue.get()
+    finally:
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark {name} failed:\n{payload}")
+    return payload
+
+
+def environment(cfg):
+    """Where the numbers come from."""
+    env = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=cfg["device"],
+        dtype=cfg["dtype"],
+        threads=cfg["threads"] or torch.get_num_threads(),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+    )
+    if cfg["device"].startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(cfg["device"]))
+    return env
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_benchmarks(cfg, progress=None):
+    """Every requested benchmark; returns {"config", "environment", "results"}."""
+    results = []
+    for name in cfg["benchmarks"]:
+        if progress:
+            progress(name)
+        results.append(run_isolated(name, cfg) if cfg["isolate"] else run_one(name, cfg))
+    return dict(
+        config={k: cfg[k] for k in [*benchmark_defaults(), "dtype"]},
+        environment=environment(cfg),
+        results=results,
+    )
+
+
+def format_table(report):
+    """The results as a text table with a one-line header of the environment."""
+    env, cfg = report["environment"], report["config"]
+    where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
+    head = (
+        f"device {env['device']} ({where}), {env['dtype']}, torch {env['torch']}; "
+        f"image_size {cfg['image_size']}, num_channels {cfg['num_channels']}, num_res_blocks {cfg['num_res_blocks']}, "
+        f"attention {cfg['attention_resolutions']}; median of {cfg['repeats']} after {cfg['warmup']} warm-up"
+    )
+    header = ("benchmark", "batch", "evals/img", "ms/iter", "images/s", "peak MiB", "before MiB")
+    rows = [
+        (
+            r["description"],
+            str(r["batch_size"]),
+            str(r["evaluations_per_image"]),
+            f"{1000 * r['median_s']:.1f}",
+            f"{r['images_per_s']:.2f}",
+            f"{r['peak_memory_mib']:.0f}",
+            f"{r['rss_before_setup_mib']:.0f}" if "rss_before_setup_mib" in r else "-",
+        )
+        for r in report["results"]
+    ]
+    kinds = {r["peak_memory_kind"] for r in report["results"]}
+    note = {
+        "cuda_allocated": "peak MiB: CUDA allocator peak during the timed iterations",
+        "process_rss": "peak MiB: peak RSS of a fresh process that ran only this benchmark, including Python and "
+        "torch (before MiB: its RSS before the networks were built)",
+        "process_rss_so_far": "peak MiB: peak RSS of this process so far (run with --isolate True for per-benchmark)",
+    }
+    return "\n".join([head, "", text_table(header, rows), ""] + [note[k] for k in sorted(kinds)])
+
+
+def text_table(header, rows):
+    """A Markdown-style table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+
+    def line(cells):
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
