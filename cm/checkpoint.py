@@ -72,11 +72,56 @@ def save_atomic(state, path):
         raise
 
 
-def strip_module_prefix(state_dict):
-    """Drop the ``module.`` prefix a DistributedDataParallel wrapper adds to every key."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict
+def strip_wrapper_prefix(state_dict, expected_keys):
+    """Remove wrapper prefixes that every key carries and the model's keys lack.
+
+    Handles ``module.`` (DDP), ``_orig_mod.`` (torch.compile), ``model.`` and
+    any other single dotted component shared by all keys, repeatedly (e.g.
+    ``module._orig_mod.``). Returns (state_dict, removed prefix or "").
+    """
+    expected = set(expected_keys)
+    model_heads = {k.split(".", 1)[0] for k in expected}
+    removed = ""
+    keys = list(state_dict)
+    while keys and not set(keys) <= expected:
+        heads = {k.split(".", 1)[0] if "." in k else None for k in keys}
+        if len(heads) != 1 or None in heads:
+            break
+        head = heads.pop()
+        if head in model_heads:  # a real module name of the model, not a wrapper
+            break
+        head += "."
+        state_dict = {k[len(head) :]: v for k, v in state_dict.items()}
+        keys = list(state_dict)
+        removed += head
+    return state_dict, removed
+
+
+def _load_reason(exc):
+    """The informative line of a torch.load failure (its weights_only errors run to a dozen lines)."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        return m.group(1).split(". ")[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_checkpoint(path):
+    """Read a checkpoint once on rank 0 and share it (``weights_only``), with one-line errors.
+
+    A missing or unreadable file raises dist_util's one-line OSError
+    (FileNotFoundError when missing); a file torch cannot load as plain
+    weights raises CheckpointError.
+    """
+    from . import dist_util
+
+    try:
+        return dist_util.load_state_dict(path, map_location="cpu")
+    except OSError:
+        raise
+    except Exception as exc:  # not a torch file, truncated, or holds objects weights_only refuses
+        raise CheckpointError(f"cannot load {path} as a weights-only checkpoint ({_load_reason(exc)})") from None
 
 
 def _shape(t):
@@ -114,9 +159,13 @@ def load_model_state(model, state_dict, path):
     """Load ``state_dict`` into ``model`` (strict), or fail with a one-line CheckpointError.
 
     The error names the file, the first mismatched key and both shapes.
-    A ``module.`` prefix (saved from a DDP wrapper) is removed first.
+    Wrapper prefixes (``module.`` from DDP, ``_orig_mod.``, ...) are removed
+    first; returns the removed prefix ("" if none).
     """
-    state_dict = strip_module_prefix(state_dict)
-    check_state_dict(model.state_dict(), state_dict, path)
+    expected = model.state_dict()
+    prefix = ""
+    if isinstance(state_dict, dict):
+        state_dict, prefix = strip_wrapper_prefix(state_dict, expected)
+    check_state_dict(expected, state_dict, path)
     model.load_state_dict(state_dict, strict=True)
-    return model
+    return prefix

@@ -8,7 +8,7 @@ and delegates the math to `cm.precond`, `cm.losses`, `cm.schedules` and
 import torch
 
 from . import losses
-from .losses import LOSS_NORMS, check_loss_norm
+from .losses import check_loss_norm
 from .nn import append_dims, append_zero, mean_flat  # noqa: F401  (re-exported)
 from .precond import (
     WEIGHT_SCHEDULES,

@@ -29,10 +29,7 @@ thread count they do in our tests (batch 3, 4, 8; 1 or 2 processes); a
 different thread count or GPU kernel choice can move a pixel by one level.
 """
 
-import argparse
 import os
-import re
-import sys
 import tempfile
 import zipfile
 
@@ -41,8 +38,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import dist_util
-from .checkpoint import CheckpointError, check_state_dict
+from . import checkpoint, dist_util
+from .checkpoint import CheckpointError
+from .cli import OneLineArgumentParser, UsageError
 from .fp16_util import resolve_use_fp16
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
@@ -73,19 +71,8 @@ SAMPLE_HELP = {
 }
 
 
-class UsageError(ValueError):
-    """A user-facing problem (bad flag, missing or mismatched checkpoint); the message is one line."""
-
-
 class CheckpointMismatch(UsageError):
     """The checkpoint's keys or shapes do not match the model built from the flags."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are a single line on stderr (exit status 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ----------------------------------------------------------------------------
@@ -172,68 +159,20 @@ def uses_distillation(training_mode):
 # Checkpoints
 
 
-def strip_wrapper_prefix(state_dict, expected_keys):
-    """Remove wrapper prefixes that every key carries and the model's keys lack.
-
-    Handles ``module.`` (DDP), ``_orig_mod.`` (torch.compile), ``model.`` and
-    any other single dotted component shared by all keys, repeatedly (e.g.
-    ``module._orig_mod.``). Returns (state_dict, removed prefix or "").
-    """
-    expected = set(expected_keys)
-    model_heads = {k.split(".", 1)[0] for k in expected}
-    removed = ""
-    keys = list(state_dict)
-    while keys and not set(keys) <= expected:
-        heads = {k.split(".", 1)[0] if "." in k else None for k in keys}
-        if len(heads) != 1 or None in heads:
-            break
-        head = heads.pop()
-        if head in model_heads:  # a real module name of the model, not a wrapper
-            break
-        head += "."
-        state_dict = {k[len(head):]: v for k, v in state_dict.items()}
-        keys = list(state_dict)
-        removed += head
-    return state_dict, removed
-
-
 def load_model_state(model, state_dict, path):
-    """Load ``state_dict`` into ``model`` strictly, after stripping wrapper prefixes.
-
-    Returns the removed prefix ("" if none). A mismatch raises a one-line
-    CheckpointMismatch naming the first bad key (in the model's order) and both
-    shapes (the check is ``cm.checkpoint.check_state_dict``, shared with training).
-    """
-    expected = model.state_dict()
-    prefix = ""
-    if isinstance(state_dict, dict):
-        state_dict, prefix = strip_wrapper_prefix(state_dict, expected)
+    """`cm.checkpoint.load_model_state`, its error as a CheckpointMismatch with a hint about the flags."""
     try:
-        check_state_dict(expected, state_dict, path)
+        return checkpoint.load_model_state(model, state_dict, path)
     except CheckpointError as e:
         raise CheckpointMismatch(f"{e}; check the model flags (--image_size, --num_channels, --class_cond, ...)") from None
-    model.load_state_dict(state_dict, strict=True)
-    return prefix
 
 
 def read_checkpoint(path):
-    """Rank 0 reads the checkpoint (weights_only) and shares it; one-line UsageError on failure."""
+    """`cm.checkpoint.read_checkpoint` with errors attributed to --model_path."""
     try:
-        return dist_util.load_state_dict(path, map_location="cpu")
-    except FileNotFoundError as e:
+        return checkpoint.read_checkpoint(path)
+    except (OSError, CheckpointError) as e:
         raise UsageError(f"--model_path: {e}") from None
-    except Exception as e:  # not a torch file, truncated, or holds objects weights_only refuses
-        raise UsageError(f"--model_path: cannot load {path} as a weights-only checkpoint ({_load_reason(e)})") from None
-
-
-def _load_reason(exc):
-    """The informative line of a torch.load failure (its weights_only errors run to a dozen lines)."""
-    text = str(exc)
-    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if m:
-        return m.group(1).split(". ")[0].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def load_model_and_diffusion(args, device=None):
@@ -436,19 +375,3 @@ def save_samples(folder, images, labels=None):
     save_npz(npz_path, arrays)
     save_grid_png(png_path, images)
     return npz_path, png_path
-
-
-# ----------------------------------------------------------------------------
-# Command-line entry
-
-
-def run_cli(main, argv=None):
-    """Run ``main(argv)``; a UsageError becomes one line on stderr (rank 0) and exit status 1."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "cm"
-    try:
-        main(argv)
-    except UsageError as e:
-        if dist_util.get_rank() == 0:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0

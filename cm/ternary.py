@@ -12,7 +12,8 @@ import torch.distributed as dist
 from . import dist_util
 from .evaluation import EvaluationError, compute_activations, feature_stats, frechet_distance, reference_stats
 from .inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
-from .sample_util import UsageError, sample_images
+from .cli import UsageError
+from .sample_util import sample_images
 
 
 def ternary_search(f, lo, hi):

@@ -45,9 +45,7 @@ import contextlib
 import os
 import random
 import signal
-import sys
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -64,8 +62,9 @@ from .checkpoint import (
     find_latest_checkpoint,
     load_model_state,
     parse_resume_step,
+    read_checkpoint,
     save_atomic,
-    strip_module_prefix,
+    strip_wrapper_prefix,
 )
 from .fp16_util import (
     MixedPrecisionTrainer,
@@ -178,17 +177,6 @@ def _broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
-
-
-def read_checkpoint(path):
-    """`dist_util.load_state_dict` (rank 0 reads, weights only) with one-line errors."""
-    try:
-        return dist_util.load_state_dict(path)
-    except OSError:  # missing or unreadable: dist_util's message is one line already
-        raise
-    except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {detail}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -456,7 +444,7 @@ class TrainLoop:
 
     def _load_params(self, path, state):
         """Float32 parameter list (model order) from a state_dict, checked against the model."""
-        state = strip_module_prefix(state)
+        state, _ = strip_wrapper_prefix(state, self.model.state_dict())
         check_state_dict(self.model.state_dict(), state, path)
         return _float_copies(self.mp_trainer.state_dict_to_master_params(state))
 
@@ -826,63 +814,3 @@ class CMTrainLoop(TrainLoop):
             teacher = {k: v.float() if v.is_floating_point() else v for k, v in self.teacher_model.state_dict().items()}
             files.append(("teacher_model", teacher))
         return files
-
-
-# ----------------------------------------------------------------------------
-# Script plumbing
-
-
-class AgreedError(ValueError):
-    """A setup error that every rank raises with the same message (printed once)."""
-
-
-def on_all_ranks(fn):
-    """Return ``fn()``; if it fails on ANY rank, raise the same one-line error on every rank.
-
-    For setup steps that can fail on some ranks only (each rank checks its own
-    data shard): without this, the ranks that passed would go on into the next
-    collective and die of a lost peer instead of reporting the real problem.
-    """
-    error = None
-    try:
-        result = fn()
-    except (ValueError, OSError) as exc:
-        error, result = exc, None
-    if not _distributed():
-        if error is not None:
-            raise error
-        return result
-    messages = [None] * dist.get_world_size()
-    mine = None if error is None else " ".join(str(error).split()) or type(error).__name__
-    dist.all_gather_object(messages, mine)
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
-        rank, message = failed[0]
-        raise AgreedError(f"process {rank}: {message}") from error
-    return result
-
-
-def _one_line_warning(message, category, filename, lineno, line=None):
-    return f"{category.__name__}: {message}\n"
-
-
-def run_cli(main, argv=None):
-    """Run a training script's ``main(argv)``; a bad input ends as ONE line on stderr.
-
-    ValueError/OSError (bad flags, data, checkpoints, missing files) print
-    ``<script>: error: <message>`` and exit with status 1 (an `AgreedError`
-    only on rank 0, since every rank has it); set CM_TRACEBACK=1 to see the
-    traceback instead. Warnings print as one line too.
-    """
-    warnings.formatwarning = _one_line_warning
-    prog = os.path.basename(sys.argv[0]) or "train"
-    try:
-        main(argv)
-    except (ValueError, OSError) as exc:
-        if os.environ.get("CM_TRACEBACK"):
-            raise
-        sys.stdout.flush()
-        if not isinstance(exc, AgreedError) or dist_util.get_rank() == 0:
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(1)

@@ -18,7 +18,8 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
 import torch
 
 from cm import dist_util, logger
-from cm.checkpoint import load_model_state
+from cm.checkpoint import load_model_state, read_checkpoint
+from cm.cli import on_all_ranks, run_cli
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -32,10 +33,7 @@ from cm.train_util import (
     CM_TRAINING_MODES,
     CMTrainLoop,
     load_training_data,
-    on_all_ranks,
     per_rank_batch_size,
-    read_checkpoint,
-    run_cli,
 )
 
 HELP = {
@@ -148,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

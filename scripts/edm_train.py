@@ -24,7 +24,8 @@ from cm.script_util import (
     model_and_diffusion_kwargs,
     train_defaults,
 )
-from cm.train_util import TrainLoop, load_training_data, on_all_ranks, per_rank_batch_size, run_cli
+from cm.cli import on_all_ranks, run_cli
+from cm.train_util import TrainLoop, load_training_data, per_rank_batch_size
 
 HELP = {
     "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
@@ -101,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

@@ -12,11 +12,11 @@ processes (see cm/sample_util.py).
 import sys
 
 from cm import dist_util, logger
+from cm.cli import run_cli
 from cm.sample_util import (
     check_sample_args,
     create_argparser,
     load_model_and_diffusion,
-    run_cli,
     sample_images,
     save_samples,
 )

@@ -13,12 +13,11 @@ import json
 import sys
 
 from cm import dist_util, logger
+from cm.cli import UsageError, run_cli
 from cm.sample_util import (
-    UsageError,
     check_common_args,
     create_argparser,
     load_model_and_diffusion,
-    run_cli,
     sample_flag_defaults,
     write_atomic,
 )

@@ -20,12 +20,13 @@ import torch
 from PIL import Image
 
 import golden
+from cm.checkpoint import strip_wrapper_prefix
+from cm.cli import UsageError
 from cm.karras_diffusion import karras_sample
 from cm.random_util import get_generator
 from cm.samplers import SAMPLERS
 from cm.sample_util import (
     CheckpointMismatch,
-    UsageError,
     batch_indices,
     image_grid,
     label_seed,
@@ -35,7 +36,6 @@ from cm.sample_util import (
     sample_images,
     samples_filename,
     save_npz,
-    strip_wrapper_prefix,
     uses_distillation,
 )
 from cm.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults

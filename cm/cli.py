@@ -1,0 +1,78 @@
+"""Command-line plumbing shared by the scripts: one-line errors, failures agreed across ranks."""
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch.distributed as dist
+
+from . import dist_util
+
+
+class UsageError(ValueError):
+    """A bad flag or input that every rank raises identically; printed once, as one line."""
+
+
+# training code's name for an error every rank agreed on (see `on_all_ranks`)
+AgreedError = UsageError
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line on stderr (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def on_all_ranks(fn):
+    """Return ``fn()``; if it fails on ANY rank, raise the same one-line error on every rank.
+
+    For setup steps that can fail on some ranks only (each rank checks its own
+    data shard): without this, the ranks that passed would go on into the next
+    collective and die of a lost peer instead of reporting the real problem.
+    """
+    error = None
+    try:
+        result = fn()
+    except (ValueError, OSError) as exc:
+        error, result = exc, None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return result
+    messages = [None] * dist.get_world_size()
+    mine = None if error is None else " ".join(str(error).split()) or type(error).__name__
+    dist.all_gather_object(messages, mine)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise AgreedError(f"process {rank}: {message}") from error
+    return result
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"{category.__name__}: {message}\n"
+
+
+def run_cli(main, argv=None):
+    """Run a script's ``main(argv)`` and return its exit status.
+
+    ValueError/OSError (bad flags, data, checkpoints, missing files) print
+    ``<script>: error: <message>`` on one line and give status 1 (a
+    `UsageError` only on rank 0, since every rank has it); set CM_TRACEBACK=1
+    to see the traceback instead. Warnings print as one line too.
+    """
+    warnings.formatwarning = _one_line_warning
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "cm"
+    try:
+        main(argv)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("CM_TRACEBACK"):
+            raise
+        sys.stdout.flush()
+        if not isinstance(exc, UsageError) or dist_util.get_rank() == 0:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return 1
+    return 0
