@@ -6,7 +6,6 @@ training needs no teacher. Launch plainly, with `mpiexec -n K`, or with
 args.json go to --logging_dir.
 """
 
-import argparse
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
-from cm.cli import on_all_ranks, run_cli
+from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -50,7 +49,7 @@ def create_argparser():
     defaults.update(train_defaults())
     defaults.update(cm_train_defaults())
     defaults.update(lpips_path="", seed=0)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
     return parser
 

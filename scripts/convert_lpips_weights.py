@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from cm.cli import OneLineArgumentParser
 from cm.lpips import LPIPS_PATH_ENV, LPIPSWeightsError, convert_weights
 
 
@@ -43,7 +44,7 @@ def save_atomic(state, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Merge torchvision VGG16 ImageNet weights and LPIPS v0.1 VGG heads into one file for cm.lpips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

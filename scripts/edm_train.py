@@ -4,7 +4,6 @@ Launch plainly, with `mpiexec -n K`, or with `torchrun --nproc_per_node K`.
 Checkpoints, log.txt, progress.csv and args.json go to --logging_dir.
 """
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ from cm.script_util import (
     model_and_diffusion_kwargs,
     train_defaults,
 )
-from cm.cli import on_all_ranks, run_cli
+from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
 from cm.train_util import TrainLoop, load_training_data, per_rank_batch_size
 
 HELP = {
@@ -40,7 +39,7 @@ def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
     defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
     return parser
 

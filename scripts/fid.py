@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from cm.cli import OneLineArgumentParser
 from cm.evaluation import (
     EvaluationError,
     evaluate,
@@ -27,7 +28,7 @@ from cm.script_util import str2bool
 
 def create_parser():
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--sample_npz", default="", help="samples to evaluate: .npz with arr_0 uint8 [N,H,W,3] (default: none)"
     )

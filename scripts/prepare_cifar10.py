@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from cm.cli import OneLineArgumentParser
 from cm.cifar10 import CifarArchiveError, export_pngs, read_cifar10
 from cm.evaluation import EvaluationError, compute_activations, feature_stats, save_stats
 from cm.inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
@@ -24,7 +25,7 @@ STATS_NAME = "cifar10_train_stats.npz"
 
 def create_parser():
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", required=True, help="path to the downloaded cifar-10-python.tar.gz (required)")
     p.add_argument("--out", required=True, help="output folder; train/ and test/ are created in it (required)")
     p.add_argument(
