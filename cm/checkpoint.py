@@ -17,7 +17,7 @@ file.
 import os
 import re
 
-import torch
+from .fileio import save_atomic  # noqa: F401  (part of this module's API)
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -55,21 +55,6 @@ def find_latest_checkpoint(directory):
     if not steps:
         return None
     return os.path.join(directory, checkpoint_filename("model", max(steps)))
-
-
-def save_atomic(state, path):
-    """torch.save ``state`` to ``path`` through a temporary file and a rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def strip_wrapper_prefix(state_dict, expected_keys):

@@ -10,12 +10,13 @@ k-NN manifolds, Kynkäänniemi et al. 2019 (k = 3).
 
 import contextlib
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from .fileio import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif")
 
@@ -361,18 +362,7 @@ def save_stats(path, mu, sigma, feats=None):
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if feats is not None:
         arrays["feats"] = np.asarray(feats, np.float32)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_stats(path):

@@ -30,7 +30,6 @@ different thread count or GPU kernel choice can move a pixel by one level.
 """
 
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from . import checkpoint, dist_util
 from .checkpoint import CheckpointError
 from .cli import OneLineArgumentParser, UsageError
+from .fileio import write_atomic
 from .fp16_util import resolve_use_fp16
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
@@ -308,24 +308,6 @@ def sample_images(
 def samples_filename(images, ext="npz"):
     """``samples_{N}x{H}x{W}x{C}.{ext}`` for a uint8 NHWC array."""
     return "samples_" + "x".join(str(d) for d in images.shape) + "." + ext
-
-
-def write_atomic(path, write):
-    """Write through ``write(binary file)`` into a temp file beside ``path``, then rename it over."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_npz(path, arrays):

@@ -10,11 +10,11 @@ and the LPIPS v0.1 VGG linear heads (lpips/weights/v0.1/vgg.pth inside the
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
 from cm.cli import OneLineArgumentParser
+from cm.fileio import save_atomic
 from cm.lpips import LPIPS_PATH_ENV, LPIPSWeightsError, convert_weights
 
 
@@ -28,19 +28,6 @@ def read_state(path, what):
         detail = (str(e).strip().splitlines() or [""])[0]
         raise LPIPSWeightsError(f"cannot read {what} file {path!r}: {type(e).__name__}: {detail}") from None
 
-
-def save_atomic(state, path):
-    """Write to a temp file in the target folder, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lpips-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def main(argv=None):

@@ -14,12 +14,12 @@ import sys
 
 from cm import dist_util, logger
 from cm.cli import UsageError, run_cli
+from cm.fileio import write_atomic
 from cm.sample_util import (
     check_common_args,
     create_argparser,
     load_model_and_diffusion,
     sample_flag_defaults,
-    write_atomic,
 )
 from cm.ternary import load_fid_reference, multistep_fid, ternary_search
 
