@@ -1,0 +1,173 @@
+"""The digits demo: its pure helpers, and `scripts/demo.py --quick` end to end (files, table, results).
+
+No assertion is made on sample quality or time; the quick preset trains for a
+handful of steps.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("sklearn")
+
+from cm import demo  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLERS = ("heun", "onestep", "twostep")
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+
+def test_digits_split_is_stratified_and_complete():
+    x_train, y_train, x_held, y_held = demo.load_digits_split(0.2, seed=0)
+    assert len(x_train) + len(x_held) == 1797
+    assert x_train.shape[1:] == (8, 8) and 0.0 <= x_train.min() and x_train.max() <= 1.0
+    held_counts = np.bincount(y_held, minlength=10)
+    assert held_counts.min() >= 34 and held_counts.max() <= 37  # 20% of 174..183 per class
+    again = demo.load_digits_split(0.2, seed=0)
+    np.testing.assert_array_equal(again[3], y_held)
+
+
+def test_upscale_and_cifar_style_names(tmp_path):
+    x_train, y_train, _, _ = demo.load_digits_split()
+    images = demo.upscale_digits(x_train[:12], 16)
+    assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
+    assert (images[..., 0] == images[..., 2]).all()  # grey digits as RGB
+    demo.write_image_folder(images, y_train[:12], str(tmp_path))
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 12
+    for name in names:
+        label, index = re.fullmatch(r"(\d)_(\d{5})\.png", name).groups()
+        assert int(label) == y_train[int(index)]
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "RGB" and im.size == (16, 16)
+            np.testing.assert_array_equal(np.asarray(im), images[int(index)])
+
+
+def test_mirrors_double_the_reference():
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    both, labels = demo.with_mirrors(images, np.array([3, 5]))
+    assert both.shape == (4, 4, 4, 3) and labels.tolist() == [3, 5, 3, 5]
+    np.testing.assert_array_equal(both[2], images[0][:, ::-1])
+
+
+def test_judge_on_identical_sets_gives_zero_distance():
+    x_train, y_train, _, _ = demo.load_digits_split()
+    images = demo.upscale_digits(x_train[:200], 16)
+    clf = demo.train_classifier(images, y_train[:200], epochs=1, progress=False)
+    feats, preds = demo.classify(clf, images)
+    assert feats.shape == (200, 64) and preds.shape == (200,)
+    acc, fd = demo.judge(clf, images, y_train[:200], demo.feature_stats(feats))
+    assert 0.0 <= acc <= 100.0
+    assert abs(fd) < 1e-6
+
+
+def test_table_and_comparison_grid():
+    rows = [
+        dict(label="EDM teacher, Heun 18 steps", nfe=35, seconds=10.0, images=500, accuracy=97.25, frechet=1.234),
+        dict(label="real", nfe=None, seconds=None, images=500, accuracy=98.0, frechet=0.5),
+    ]
+    lines = demo.format_table(rows).splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert re.match(r"\| EDM teacher, Heun 18 steps \|\s+35 \|\s+10\.0 \|\s+50\.0 \|\s+97\.2 \|\s+1\.23 \|", lines[2])
+    images = np.full((20, 16, 16, 3), 200, dtype=np.uint8)
+    labels = np.arange(20) % 10
+    grid = demo.comparison_grid([(images, labels), (images, labels)], per_class=2, scale=1, gap=4, line=1)
+    assert grid.shape == (2 * 17 + 1, 2 * (10 * 17 + 1) + 4, 3)
+    assert (grid[1:17, 1:17] == 200).all() and (grid[0, : 10 * 17 + 1] == 96).all()
+
+
+def test_sampler_evaluation_counts():
+    cfg = demo.DemoConfig(heun_steps=18, two_step_ts="0,22,39")
+    assert [(name, nfe) for name, _, nfe, _, _ in demo.samplers(cfg)] == [("heun", 35), ("onestep", 1), ("twostep", 2)]
+
+
+# ----------------------------------------------------------------------------
+# the quick run, end to end
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=str(out.parent),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, demo.quick_config()
+
+
+def test_quick_run_writes_the_digits_folder(quick_run):
+    out, _, cfg = quick_run
+    train = os.listdir(out / "data" / "train")
+    held = os.listdir(out / "data" / "heldout")
+    assert len(train) + len(held) == 1797
+    assert all(re.fullmatch(r"\d_\d{5}\.png", n) for n in train + held)
+    assert {n.split("_")[0] for n in train} == {str(c) for c in range(10)}
+    with Image.open(out / "data" / "train" / sorted(train)[0]) as im:
+        assert im.mode == "RGB" and im.size == (cfg.image_size, cfg.image_size)
+
+
+def test_quick_run_samples_and_grids(quick_run):
+    out, _, cfg = quick_run
+    n, s = cfg.num_samples, cfg.image_size
+    for name in SAMPLERS:
+        folder = out / "samples" / name
+        npz = folder / f"samples_{n}x{s}x{s}x3.npz"
+        with np.load(npz) as f:
+            images, labels = f["arr_0"], f["arr_1"]
+        assert images.shape == (n, s, s, 3) and images.dtype == np.uint8
+        assert labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer)
+        np.testing.assert_array_equal(labels, np.arange(n) % 10)  # --class_labels 0..9 in turn
+        with Image.open(folder / f"samples_{n}x{s}x{s}x3.png") as im:
+            assert im.size[0] > 0 and im.size[1] > 0
+    with Image.open(out / "comparison.png") as im:
+        assert im.mode == "RGB" and im.size[0] > im.size[1]
+    assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
+    assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
+    assert (out / "classifier.pt").is_file()
+    for log in ("edm_train", "cm_train", "sample_heun", "sample_onestep", "sample_twostep"):
+        assert (out / "logs" / f"{log}.log").stat().st_size > 0
+
+
+def test_quick_run_prints_the_table(quick_run):
+    out, stdout, cfg = quick_run
+    nfe = {"EDM teacher, Heun": 2 * cfg.heun_steps - 1, "CD, one step": 1, "CD, two steps": 2}
+    for label, evaluations in nfe.items():
+        row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
+        assert len(row) == 1, stdout
+        cells = [c.strip() for c in row[0].strip("|").split("|")]
+        assert int(cells[1]) == evaluations
+        assert float(cells[2]) > 0 and float(cells[3]) > 0
+        assert 0 <= float(cells[4]) <= 100 and math.isfinite(float(cells[5]))
+    assert any(line.startswith("| real digits") for line in stdout.splitlines())
+    assert (out / "table.txt").read_text().strip() in stdout
+
+
+def test_quick_run_results_json(quick_run):
+    out, _, cfg = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"] == cfg.as_dict()
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == set(SAMPLERS) | {"real"}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2]
+    for r in rows.values():
+        assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
+    for name in SAMPLERS:
+        assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
+        assert (out / results["files"]["samples"][name]["npz"]).is_file()
+    assert set(results["commands"]) == {"edm_train", "cm_train", "sample_heun", "sample_onestep", "sample_twostep"}
+    assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"
+    assert results["timings_s"]["total"] > 0
