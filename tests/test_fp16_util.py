@@ -135,9 +135,8 @@ def test_master_params_state_dict_round_trip():
     assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback only applies without CUDA")
 def test_use_fp16_on_cpu_means_float32(recwarn):
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only behaviour")
     model = Tiny()
     trainer = MixedPrecisionTrainer(model=model, use_fp16=True)  # Tiny.convert_to_fp16 would raise
     assert trainer.use_fp16 is False and trainer.loss_scaling is False

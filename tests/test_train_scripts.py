@@ -214,8 +214,7 @@ def test_readme_distillation_command_starts_from_the_edm_checkpoint(edm_run, dig
 
 
 def test_readme_commands_are_the_originals_up_to_paths():
-    if not os.path.exists(os.path.join(ROOT, "README.md")):
-        pytest.skip("no README.md yet")
+    assert os.path.exists(os.path.join(ROOT, "README.md"))
     placeholders = {flag[2:]: "PATH" for flag in PATH_FLAGS}
     for name, line in BRIEF_COMMANDS.items():
         assert with_paths(readme_commands()[name], **placeholders) == with_paths(command_argv(line), **placeholders)
