@@ -19,7 +19,8 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
 from cm.demo import DemoConfig, DemoError, default_config, quick_config, run_demo
 
 HELP = {
-    "image_size": "side of the upscaled digits in pixels",
+    "image_size": "side of the digits in pixels (8: native; larger: bicubic upscaling, with a matching "
+    "--channel_mult)",
     "num_channels": "UNet base channels",
     "num_res_blocks": "UNet residual blocks per level",
     "channel_mult": "UNet channel multipliers per level",
