@@ -165,9 +165,19 @@ def upscale_digits(images, size):
     return out
 
 
+DIGIT_PNG = re.compile(r"^\d+_\d{5}\.png$")
+
+
 def write_image_folder(images, labels, folder, desc="writing PNGs"):
-    """Write uint8 NHWC images as ``<class>_<index>.png`` (CIFAR-10 naming); returns the folder."""
+    """Write uint8 NHWC images as ``<class>_<index>.png`` (CIFAR-10 naming); returns the folder.
+
+    PNGs of that pattern left by an earlier run are removed first, so a rerun
+    with another split or size never trains on a mixture.
+    """
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if DIGIT_PNG.match(name):
+            os.remove(os.path.join(folder, name))
     for i, (img, y) in enumerate(tqdm(list(zip(images, labels)), desc=desc, unit="img", leave=False)):
         Image.fromarray(img).save(os.path.join(folder, f"{int(y)}_{i:05d}.png"))
     return folder
@@ -417,11 +427,13 @@ def sample_argv(cfg, model_path, log_dir, training_mode, sampler_flags):
     ]
 
 
-def only_file(folder, prefix, suffix):
-    found = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(suffix))
-    if len(found) != 1:
-        raise DemoError(f"expected one {prefix}*{suffix} in {folder}, found {found}")
-    return os.path.join(folder, found[0])
+def sample_files(folder, cfg):
+    """Paths of the .npz and PNG grid image_sample.py writes: samples_{N}x{H}x{W}x3.*"""
+    stem = os.path.join(folder, f"samples_{cfg.num_samples}x{cfg.image_size}x{cfg.image_size}x3")
+    for path in (stem + ".npz", stem + ".png"):
+        if not os.path.isfile(path):
+            raise DemoError(f"image_sample.py finished without writing {path}")
+    return stem + ".npz", stem + ".png"
 
 
 # ----------------------------------------------------------------------------
@@ -558,7 +570,7 @@ def run_demo(out, cfg, progress=True):
         commands[f"sample_{name}"] = ["python", "scripts/image_sample.py", *argv]
         seconds = run_sampling(name, argv, os.path.join(logs, f"sample_{name}.log"))
         timings[f"sample_{name}"] = seconds
-        npz = only_file(folder, "samples_", ".npz")
+        npz, grid = sample_files(folder, cfg)
         with np.load(npz) as f:
             images, labels = f["arr_0"], f["arr_1"]
         acc, fd = judge(clf, images, labels, ref_stats)
@@ -566,7 +578,6 @@ def run_demo(out, cfg, progress=True):
             dict(name=name, label=label, nfe=nfe, seconds=seconds, images=len(images), accuracy=acc, frechet=fd)
         )
         panels.append((images, labels))
-        grid = only_file(folder, "samples_", ".png")
         files[name] = dict(npz=os.path.relpath(npz, out), grid=os.path.relpath(grid, out))
     rows.append(real_row)
 

@@ -42,8 +42,11 @@ def test_upscale_and_cifar_style_names(tmp_path):
     images = demo.upscale_digits(x_train[:12], 16)
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
     assert (images[..., 0] == images[..., 2]).all()  # grey digits as RGB
+    (tmp_path / "3_99999.png").write_bytes(b"left by an earlier run")
+    (tmp_path / "notes.txt").write_text("kept")
     demo.write_image_folder(images, y_train[:12], str(tmp_path))
-    names = sorted(os.listdir(tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".png"))
     assert len(names) == 12
     for name in names:
         label, index = re.fullmatch(r"(\d)_(\d{5})\.png", name).groups()
