@@ -75,7 +75,7 @@ def main(argv=None):
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
 
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
     # consistency models use the boundary-condition scalings; progdist students are EDM denoisers
@@ -106,6 +106,7 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             seed=args.seed,
+            skip_bad_images=args.skip_bad_images,
         )
     )
     loop = CMTrainLoop(
@@ -131,6 +132,8 @@ def main(argv=None):
         lr_anneal_steps=args.lr_anneal_steps,
         logging_dir=log_dir,
         seed=args.seed,
+        max_bad_steps=args.max_bad_steps,
+        run_flags=vars(args),
     )
 
     logger.configure(dir=log_dir)
