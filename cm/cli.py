@@ -79,10 +79,12 @@ def run_cli(main, argv=None):
             print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as exc:
-        reason = dist_util.lost_peer_reason(exc)
+        reason = dist_util.lost_process_reason(exc)
         if reason is None or os.environ.get("CM_TRACEBACK"):
             raise
         sys.stdout.flush()
         print(f"{prog}: error: process {dist_util.get_rank()}: {reason}", file=sys.stderr, flush=True)
-        os._exit(1)
+        if dist_util.is_distributed():
+            os._exit(1)
+        return 1
     return 0

@@ -16,7 +16,7 @@ Three ways to run a script, all supported:
 ``get_rank``/``get_world_size`` work before and without a process group.
 Collectives time out after ``setup_dist(timeout=...)`` seconds (the scripts'
 ``--dist_timeout``), else ``CM_DIST_TIMEOUT_S``, else 300, so a rank that
-stops answering turns into an error rather than a hang; `lost_peer_reason`
+stops answering turns into an error rather than a hang; `lost_process_reason`
 recognises such errors (and a peer that died) for the one-line report.
 """
 
@@ -252,15 +252,25 @@ _LOST_PEER_WORDS = (
 )
 
 
-def lost_peer_reason(exc):
-    """One line saying how the job lost a process, when ``exc`` is such an error; else None."""
-    if not _group_ready() or dist.get_world_size() < 2:
+def lost_process_reason(exc):
+    """One line saying how the job lost a process, when ``exc`` is such an error; else None.
+
+    Two kinds: a collective that failed or timed out because another rank died
+    or stopped answering, and a data-loading worker killed under us (torchrun
+    terminates the survivors' process groups when one rank dies).
+    """
+    if not isinstance(exc, RuntimeError):
         return None
     text = " ".join(str(exc).split())
-    is_dist_error = isinstance(exc, getattr(dist, "DistError", ()))
-    if not (is_dist_error or (isinstance(exc, RuntimeError) and any(w in text.lower() for w in _LOST_PEER_WORDS))):
+    lower = text.lower()
+    if "dataloader worker" in lower and ("killed by signal" in lower or "exited unexpectedly" in lower):
+        return f"a data-loading worker process died ({text[:300]}); rerun with --resume_checkpoint auto"
+    if not _group_ready() or dist.get_world_size() < 2:
         return None
-    what = "a collective timed out" if "time" in text.lower() else "a process of the job died or closed its connection"
+    is_dist_error = isinstance(exc, getattr(dist, "DistError", ()))
+    if not (is_dist_error or any(w in lower for w in _LOST_PEER_WORDS)):
+        return None
+    what = "a collective timed out" if "time" in lower else "a process of the job died or closed its connection"
     return f"lost contact with another process ({what}: {text[:300]}); rerun with --resume_checkpoint auto"
 
 

@@ -578,7 +578,9 @@ class TrainLoop:
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 if self.step != before:
-                    if self.save_interval > 0 and self.step % self.save_interval == 0:
+                    # no periodic save amid non-finite steps: the last good set stays the newest
+                    due = self.save_interval > 0 and self.step % self.save_interval == 0
+                    if due and not self.bad_steps.in_a_row:
                         self.save()
                     if self.step % self.log_interval == 0:
                         logger.dumpkvs()
