@@ -199,6 +199,15 @@ def test_step_batches_skip_or_name_a_corrupt_image(few_digits):
     assert sorted(sizes) == [3, 4]
 
 
+def test_bad_dist_timeout_is_one_line_before_any_setup():
+    assert not torch.distributed.is_initialized()
+    for bad in (0, -5.0):
+        with pytest.raises(ValueError, match="--dist_timeout must be a positive number of seconds") as info:
+            dist_util.setup_dist(timeout=bad)
+        assert "\n" not in str(info.value)
+    assert not torch.distributed.is_initialized()
+
+
 def test_lost_process_reason_recognises_a_killed_loader_worker():
     killed = RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
     assert "data-loading worker process died" in dist_util.lost_process_reason(killed)
