@@ -458,3 +458,20 @@ def test_killed_rank_ends_the_job_and_auto_resume_matches_a_straight_run(few_dig
         assert sorted(ours) == list(range(resumed_from, 5)), launcher
         for step in ours:
             assert ours[step]["loss"] == theirs[step]["loss"], (launcher, step)
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+def test_save_failure_on_rank0_stops_every_rank(few_digits, tmp_path):
+    # a file-size limit would also stop MPI's own start-up (shared-memory files), so the
+    # save fails another real way: a folder sits where the optimiser file must go
+    good, _, _ = few_digits
+    log_dir = tmp_path / "logs"
+    (log_dir / "opt000001.pt").mkdir(parents=True)
+    began = time.time()
+    rc, out, err = finish(start(two_ranks("mpiexec", f"{EDM} --data_dir {good} --logging_dir {log_dir} "
+                                                     f"--total_training_steps 1 --dist_timeout {DIST_TIMEOUT}")))
+    assert rc != 0 and time.time() - began < DIST_TIMEOUT + 100
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(f"edm_train.py: error: process 0: cannot write {log_dir / 'opt000001.pt'}: [Errno 21]")
+    assert not [n for n in os.listdir(log_dir) if n.endswith((".pt", ".tmp")) and n != "opt000001.pt"]
