@@ -48,7 +48,6 @@ from .sample_util import (
     parse_ts,
     sample_flag_defaults,
     save_npz,
-    to_uint8,
 )
 from .script_util import NUM_CLASSES
 
@@ -263,6 +262,15 @@ def to_float(images):
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def to_uint8_rounded(x):
+    """NCHW float in [−1, 1] → NHWC uint8, rounded so that kept input pixels come back unchanged.
+
+    (image_sample.py truncates like the original; a truncated round trip of an
+    input pixel can lose one level to float rounding.)
+    """
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 # ----------------------------------------------------------------------------
 # Tasks: what each item starts from and what is kept
 
@@ -353,7 +361,7 @@ def run_plan(distiller, plan, *, batch_size, shape, generator="determ", seed=42,
             replace = lambda x0, known=known: plan.replacement(known, x0)  # noqa: E731
         x = edit_with_sigmas(lambda x_t, s: distiller(x_t, s, y), x, plan.sigmas, replace, gen, sigma_min)
         keep = min(world * batch_size, plan.n - done)
-        out.append(gather_in_index_order(to_uint8(x.clamp(-1, 1)))[:keep])
+        out.append(gather_in_index_order(to_uint8_rounded(x.clamp(-1, 1)))[:keep])
         bar.update(keep)
     bar.close()
     return torch.cat(out).numpy()
@@ -402,4 +410,4 @@ def save_edits(folder, task, results, labels=None, inputs=None, degraded=None, e
 
 def degraded_uint8(plan):
     """The observation each item was edited from, as uint8 NHWC (None for interpolate)."""
-    return None if plan.reference is None else to_uint8(plan.reference.clamp(-1, 1)).numpy()
+    return None if plan.reference is None else to_uint8_rounded(plan.reference.clamp(-1, 1)).numpy()
