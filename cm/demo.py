@@ -586,7 +586,7 @@ def run_demo(out, cfg, progress=True):
     rows.append(real_row)
     from .demo_editing import run_editing
 
-    edits, files["editing"] = run_editing(out, cfg, student, clf, held_imgs, y_held, ref_stats, logs, commands, timings)
+    edits, edit_files = run_editing(out, cfg, student, clf, held_imgs, y_held, ref_stats, logs, commands, timings)
 
     grid_path = os.path.join(out, "comparison.png")
     titles = [f"{r['label']}: {r['nfe']} NFE" for r in rows if r["name"] != "real"]
@@ -602,8 +602,8 @@ def run_demo(out, cfg, progress=True):
         editing=edits,
         timings_s=timings,
         commands=commands,
-        files=dict(samples=files, comparison="comparison.png", table="table.txt", classifier="classifier.pt",
-                   teacher=os.path.relpath(teacher, out), student=os.path.relpath(student, out)),
+        files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt",
+                   classifier="classifier.pt", teacher=os.path.relpath(teacher, out), student=os.path.relpath(student, out)),
         torch_threads=torch.get_num_threads(),
     )
     with open(os.path.join(out, "results.json"), "w") as f:

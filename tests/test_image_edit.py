@@ -5,7 +5,6 @@ mpiexec rank); the two-process runs of all six tasks are one mpiexec launch
 (tests/dist_scripts/edit_tasks.py), started first so that it overlaps.
 """
 
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -25,6 +24,7 @@ from cm.script_util import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 from edit_tasks import TASK_FLAGS  # noqa: E402
+from test_image_sample import one_thread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MPIEXEC = shutil.which("mpiexec") is not None
@@ -46,16 +46,6 @@ def _load_image_edit():
 
 
 image_edit = _load_image_edit()
-
-
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
