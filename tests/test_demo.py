@@ -197,7 +197,10 @@ def test_quick_run_editing_panel(quick_run):
         assert (z["degraded"][:, :, s // 2 :] == 0).all()
     with np.load(out / results["files"]["editing"]["superres"]) as z:
         pool = lambda a: a.astype(float).reshape(n, s // 2, 2, s // 2, 2, 3).mean((2, 4))  # noqa: E731
-        assert np.abs(pool(z["arr_0"]) - pool(inputs)).max() <= 1.0  # the 2x2 block means kept
+        res = z["arr_0"]
+        unclipped = pool((res > 0) & (res < 255)) == 1  # a block with a clipped pixel can move its mean
+        assert unclipped.mean() > 0.2
+        assert np.abs(pool(res) - pool(inputs))[unclipped].max() <= 1.0  # the 2x2 block means kept
     with Image.open(out / "editing.png") as im:
         assert im.mode == "RGB" and im.size[0] > im.size[1]
     assert (out / "logs" / "edit_inpaint.log").stat().st_size > 0
