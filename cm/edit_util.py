@@ -49,7 +49,7 @@ from .sample_util import (
     sample_flag_defaults,
     save_npz,
 )
-from .script_util import NUM_CLASSES
+from .script_util import NUM_CLASSES, add_dict_to_argparser
 
 TASKS = ("inpaint", "colorize", "superres", "stroke", "interpolate", "denoise")
 MASK_PRESETS = ("left", "right", "top", "bottom", "center")
@@ -68,6 +68,8 @@ EDIT_HELP = {
     "strength": "stroke: the noise level σ at which to start from the input (SDEdit)",
     "noise_sigma": "denoise: std of the Gaussian noise added to the inputs (in [-1, 1] units); also the start σ",
     "num_points": "interpolate: images per pair, both ends included",
+    "class_labels": "interpolate on a class-conditional model: comma list of class ids, pair r gets entry r mod "
+    "length (empty: drawn like image_sample.py); other tasks take the labels of their inputs",
     "sigmas": "comma list of strictly decreasing noise levels: denoise at all but the last, re-noise to the "
     "next (instead of --ts/--steps)",
 }
@@ -78,21 +80,20 @@ EDIT_HELP = {
 
 
 def edit_flag_defaults():
-    """image_sample.py's flags without --sampler and --num_samples (editing is multistep), plus the edit flags."""
-    flags = {k: v for k, v in sample_flag_defaults().items() if k not in ("sampler", "num_samples")}
+    """image_sample.py's flags less those of other samplers (editing is multistep), plus the edit flags."""
+    unused = ("sampler", "num_samples", "clip_denoised", "s_churn", "s_tmin", "s_tmax", "s_noise")  # Heun's / always on
+    flags = {k: v for k, v in sample_flag_defaults().items() if k not in unused}
     flags.update(training_mode="consistency_distillation", batch_size=16, ts="", sigmas="")
-    flags.update(input="", num_images=0, mask="center", factor=2, strength=20.0, noise_sigma=0.2, num_points=8)
+    flags.update(input="", num_images=0, mask="center", strength=20.0, noise_sigma=0.2, num_points=8)
     return flags
 
 
 def create_edit_argparser(description=None):
+    """One-line-error parser: --task and --factor (with choices), then every flag of `edit_flag_defaults`."""
     parser = create_argparser(defaults={}, description=description)
     parser.add_argument("--task", required=True, choices=TASKS, help=EDIT_HELP["task"])
     parser.add_argument("--factor", type=int, default=2, choices=FACTORS, help=EDIT_HELP["factor"] + " (default: 2)")
-    defaults = {k: v for k, v in edit_flag_defaults().items() if k != "factor"}
-    from .script_util import add_dict_to_argparser
-
-    add_dict_to_argparser(parser, defaults, help=EDIT_HELP)
+    add_dict_to_argparser(parser, edit_flag_defaults(), help=EDIT_HELP)
     return parser
 
 
@@ -133,7 +134,7 @@ def check_edit_args(args):
     """Validate the flags; returns (σ list, class label list or None)."""
     if args.training_mode not in CONSISTENCY_MODES:
         raise UsageError(f"--training_mode must be one of {', '.join(CONSISTENCY_MODES)} for editing, got {args.training_mode}")
-    args.num_samples = 1  # check_common_args checks it; the item count comes from the inputs
+    args.num_samples = 1  # no such flag here (the inputs set the count); check_common_args reads it
     class_labels = check_common_args(args)
     if args.num_images < 0:
         raise UsageError(f"--num_images must be >= 0, got {args.num_images}")
@@ -291,7 +292,7 @@ def interpolation_endpoints(generator, pairs, image_size, seed, class_cond, clas
     labels = None
     if class_cond:
         if class_labels:
-            labels = torch.tensor(class_labels)[torch.arange(2 * pairs) % len(class_labels)]
+            labels = torch.tensor(class_labels)[torch.arange(2 * pairs) // 2 % len(class_labels)]  # pair r: entry r
         else:
             labels = get_generator(generator, 2 * pairs, label_seed(seed), rank=0, world_size=1).randint(
                 0, NUM_CLASSES, (2 * pairs,)
