@@ -240,3 +240,12 @@ def test_sigmas_flag_sets_the_levels(data, in_process, tmp_path):
                                          "--logging_dir", str(out)]  # fmt: skip
     assert in_process(argv) == 0
     assert "denoise: 5 images, σ = 0.5, 0.2, 0.002" in (out / "log.txt").read_text()
+
+
+def test_interpolation_pairs_take_fixed_class_labels(data, in_process, tmp_path):
+    out = tmp_path / "out"
+    argv = common_flags(data, 4) + ["--task", "interpolate", "--num_images", "2", "--num_points", "3",
+                                    "--class_labels", "4,6", "--logging_dir", str(out)]  # fmt: skip
+    assert in_process(argv) == 0
+    z, _ = load(out, "interpolate", 6)
+    assert z["arr_1"].tolist() == [4, 4, 4, 6, 6, 6]
