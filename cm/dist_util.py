@@ -14,8 +14,9 @@ Three ways to run a script, all supported:
   as they are; MPI is not touched (each torchrun worker is an MPI singleton).
 
 ``get_rank``/``get_world_size`` work before and without a process group.
-Collectives time out after ``setup_dist(timeout=...)`` seconds (the scripts'
-``--dist_timeout``), else ``CM_DIST_TIMEOUT_S``, else 300, so a rank that
+Collectives time out after ``setup_dist(timeout=...)`` seconds (the training scripts'
+``--dist_timeout``, default 300), else ``CM_DIST_TIMEOUT_S``, else 1800 (sampling
+and evaluation scripts, whose rank 0 may write for a long while), so a rank that
 stops answering turns into an error rather than a hang; `lost_process_reason`
 recognises such errors (and a peer that died) for the one-line report.
 """
@@ -32,7 +33,7 @@ import blobfile as bf
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 1800.0
 
 # Environment variables through which MPI launchers announce a rank.
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
@@ -127,7 +128,7 @@ def print0(*args, **kwargs):
 
 
 def dist_timeout():
-    """Collective timeout: env CM_DIST_TIMEOUT_S seconds, default 300."""
+    """Collective timeout: env CM_DIST_TIMEOUT_S seconds, default 1800."""
     raw = os.environ.get("CM_DIST_TIMEOUT_S", "")
     if not raw:
         return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
