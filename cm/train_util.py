@@ -32,7 +32,8 @@ total_training_steps (progressive N, adaptive μ) of course differ between
 runs given different totals.
 
 Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
-grad_norm, param_norm, lr, lg_loss_scale (fp16), step (index of the step just
+grad_norm, param_norm, lr, lg_loss_scale (fp16), bad_steps (non-fp16: steps
+skipped so far for a non-finite loss or gradient), step (index of the step just
 taken) and samples = (step+1)·global batch; the consistency loop adds
 num_scales and target_ema. Noise bins are FIXED quarters of the Karras
 ρ-ramp between σ_min and σ_max (the original's ``4·t/T`` quartile applied to

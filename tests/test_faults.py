@@ -475,3 +475,29 @@ def test_save_failure_on_rank0_stops_every_rank(few_digits, tmp_path):
     assert len(lines) == 1, err[-2000:]
     assert lines[0].startswith(f"edm_train.py: error: process 0: cannot write {log_dir / 'opt000001.pt'}: [Errno 21]")
     assert not [n for n in os.listdir(log_dir) if n.endswith((".pt", ".tmp")) and n != "opt000001.pt"]
+
+
+def test_survivor_of_a_killed_peer_says_so_in_one_line(few_digits, tmp_path):
+    """Two ranks started by hand (RANK/WORLD_SIZE/MASTER_*, as a multi-node scheduler does); rank 1 killed."""
+    good, _, _ = few_digits
+    log_dir = tmp_path / "logs"
+    port = str(dist_util._free_port())
+    flags = f"{EDM} --data_dir {good} --logging_dir {log_dir} --total_training_steps 1000 --save_interval 1"
+    ranks = [
+        start(script("edm_train.py", flags, f"--dist_timeout {DIST_TIMEOUT}"), RANK=str(r), WORLD_SIZE="2",
+              LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for r in (0, 1)
+    ]
+    try:
+        wait_for(lambda: (log_dir / "model000002.pt").exists(), ranks[0])
+        ranks[1].kill()
+        killed_at = time.time()
+        rc, out, err = finish(ranks[0], timeout=DIST_TIMEOUT + 100)
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.communicate()
+    assert rc == 1 and time.time() - killed_at < DIST_TIMEOUT + 40
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("edm_train.py: error: process 0: lost contact with another process")
+    assert lines[0].endswith("rerun with --resume_checkpoint auto")
