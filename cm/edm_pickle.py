@@ -24,9 +24,9 @@ from .song_unet import ARCH_CONFIGS, SongUNet
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")
 UNSUPPORTED = {
-    "VPPrecond": "the VP preconditioner",
-    "VEPrecond": "the VE preconditioner",
-    "iDDPMPrecond": "the iDDPM preconditioner",
+    "VPPrecond": "the VP preconditioner (VPPrecond)",
+    "VEPrecond": "the VE preconditioner (VEPrecond)",
+    "iDDPMPrecond": "the iDDPM preconditioner (iDDPMPrecond)",
     "DhariwalUNet": "the ImageNet ADM network (DhariwalUNet)",
 }
 
