@@ -23,6 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EDM = ROOT / "tests" / "data" / "edm"
 SMALL = ["ddpmpp_cond_small", "ncsnpp_uncond_small"]
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two on a shared machine (conftest sets two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
