@@ -1,13 +1,10 @@
 """EDM-format .pkl snapshots: the safe loader, the scripts that take them, and every refusal."""
 
 import collections
-import importlib.util
 import json
-import os
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,26 +15,8 @@ from cm.cli import UsageError, run_cli
 from cm.edm_pickle import load_edm_pickle
 from cm.karras_diffusion import KarrasDenoiser
 from cm.model_files import is_network_file, load_network_file
-
-ROOT = Path(__file__).resolve().parents[1]
-EDM = ROOT / "tests" / "data" / "edm"
+from song_helpers import EDM, load_script, one_thread  # noqa: F401  (autouse fixture)
 SMALL = ["ddpmpp_cond_small", "ncsnpp_uncond_small"]
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (conftest sets two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- writing EDM-style pickles of our own (for the cases no golden file covers) ----
