@@ -25,3 +25,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def image_folder(folder, size, n=4):
+    """``n`` random size×size RGB PNGs named <class>_<i>.png (classes 0 and 1) in a new ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i % 2}_{i}.png")
+    return folder

@@ -1,14 +1,12 @@
 """--arch adm|ddpmpp|ncsnpp through the factories and the training script."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cm.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults
 from cm.song_unet import SongUNet
 from cm.unet import UNetModel
-from song_helpers import load_script, one_thread  # noqa: F401  (autouse fixture)
+from song_helpers import image_folder, load_script, one_thread  # noqa: F401  (autouse fixture)
 
 TINY = dict(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
 
@@ -46,11 +44,7 @@ def test_song_only_flags_refused_for_adm():
 def test_edm_train_arch_ddpmpp_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / f"{i % 2}_{i}.png")
+    data = image_folder(tmp_path / "data", 8)
     logs = tmp_path / "logs"
     argv = (
         f"--arch ddpmpp --augment_dim 9 --label_dropout 0.1 --class_cond True --dropout 0.13 --image_size 8 "
