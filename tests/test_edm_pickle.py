@@ -199,6 +199,16 @@ def test_sample_contradicting_flag_is_refused_before_writing(tmp_path, capsys, f
     assert not (tmp_path / "x").exists()
 
 
+def test_ternary_search_takes_pkl_flags(tmp_path, capsys):
+    pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
+    rc, err = run_script("ternary_search", f"--model_path {pkl} --num_channels 32 --logging_dir {tmp_path / 'x'}",
+                         capsys)
+    assert rc == 1 and "--num_channels 32 contradicts" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = run_script("ternary_search", f"--model_path {pkl} --logging_dir {tmp_path / 'x'}", capsys)
+    assert rc == 1 and "--ref is required" in err, err  # the file's flags were accepted
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_inputs_to_scripts_write_nothing(tmp_path, capsys):
     for name, (path, message) in bad_files(tmp_path).items():
         rc, err = run_script("image_sample", f"--model_path {path} {SAMPLE} --logging_dir {tmp_path / 'x'}", capsys)
