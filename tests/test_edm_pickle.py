@@ -108,7 +108,7 @@ def test_dispatch_knows_pkl_only():
 
 
 # --- preconditioners --------------------------------------------------------------
-def test_ecm_precond_maps_to_boundary_scalings(ddpmpp, tmp_path, monkeypatch):
+def test_ecm_precond_maps_to_boundary_scalings(ddpmpp, tmp_path, monkeypatch, capsys):
     net, _ = ddpmpp
     path = write_edm_pickle(tmp_path / "ecm.pkl", dict(ema=precond("ECMPrecond", net, sigma_min=0.002)), monkeypatch)
     model, flags = load_edm_pickle(path)
@@ -118,6 +118,11 @@ def test_ecm_precond_maps_to_boundary_scalings(ddpmpp, tmp_path, monkeypatch):
         _, d = KarrasDenoiser(sigma_min=flags["sigma_min"], distillation=True).denoise(
             model, x, torch.full((2,), 0.002), y=torch.tensor([1, 2]))
     assert torch.allclose(d, x)  # boundary condition f(x, σ_min) = x
+    out = tmp_path / "s"
+    rc, err = run_script("image_sample", f"--model_path {path} --sampler onestep --num_samples 2 --batch_size 2 "
+                         f"--logging_dir {out}", capsys)
+    assert rc == 0, err
+    assert json.loads((out / "args.json").read_text())["training_mode"] == "consistency_training"
 
 
 def test_bare_network_pickle_loads(ddpmpp, tmp_path, monkeypatch):
