@@ -76,11 +76,14 @@ def flags_from_config(config):
         num_res_blocks=config["num_blocks"],
         attention_resolutions=",".join(map(str, config["attn_resolutions"])),
         class_cond=False,
+        augment_dim=0,
         dropout=0.0,
-        sigma_data=0.5,
-        sigma_min=0.002,
-        sigma_max=80.0,
     )
+
+
+def flags_as_cli(flags):
+    """The flags as a command-line fragment (``--arch ncsnpp --image_size 32 …``)."""
+    return " ".join(f"--{k} {v}" for k, v in flags.items())
 
 
 def model_from_flags(flags):
