@@ -125,3 +125,27 @@ def load_jax_checkpoint(path, which="params_ema", image_size=32, attn_resolution
     model = model_from_flags(flags)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), flags
+
+
+NETWORK_FLAGS = ("arch", "num_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "class_cond",
+                 "augment_dim")
+
+
+def read_for_args(args, path, flag, which="params_ema"):
+    """For scripts: the converted state_dict of a Flax file at ``path``, or None for any other file.
+
+    A Flax file fixes the network, so its flags (`NETWORK_FLAGS`) replace those
+    in ``args``; ``args.image_size`` is used since the file does not store it.
+    Errors are one line naming ``flag``.
+    """
+    if not path or not is_jax_checkpoint(path):
+        return None
+    from .cli import UsageError
+
+    try:
+        state_dict, flags = read_jax_checkpoint(path, which, image_size=args.image_size)
+    except FlaxFormatError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    for name in NETWORK_FLAGS:
+        setattr(args, name, flags[name])
+    return state_dict

@@ -18,6 +18,7 @@ import torch
 
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
+from cm.jax_checkpoint import read_for_args as read_jax_for_args
 from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
 from cm.script_util import (
     add_dict_to_argparser,
@@ -80,6 +81,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     # consistency models use the boundary-condition scalings; progdist students are EDM denoisers
     distillation = args.training_mode != "progdist"
+    # a JAX/Flax teacher (openai/consistency_models_cifar10) sets the network flags of student and teacher
+    teacher_state = read_jax_for_args(args, args.teacher_model_path, "--teacher_model_path")
     model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     model.to(dist_util.dev())
@@ -90,7 +93,9 @@ def main(argv=None):
     if args.teacher_model_path:
         teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
-        load_model_state(teacher_model, read_checkpoint(args.teacher_model_path), args.teacher_model_path)
+        if teacher_state is None:
+            teacher_state = read_checkpoint(args.teacher_model_path)
+        load_model_state(teacher_model, teacher_state, args.teacher_model_path)
         teacher_model.to(dist_util.dev())
 
     target_model = None
