@@ -78,8 +78,11 @@ def leaf_shape(value, where):
     import msgpack
 
     if isinstance(value, msgpack.ExtType) and value.code == ARRAY_EXT:
-        try:
-            return tuple(int(s) for s in msgpack.unpackb(value.data, raw=False)[0])
+        try:  # the shape leads the payload: read only its first bytes
+            head = msgpack.Unpacker(raw=False)
+            head.feed(value.data[:1024])
+            if head.read_array_header() == 3:
+                return tuple(int(s) for s in head.unpack())
         except Exception:
             pass
     return decode_leaf(value, where).shape  # raises the precise one-line error

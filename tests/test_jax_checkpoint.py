@@ -157,3 +157,28 @@ def test_not_a_state(tmp_path):
     with pytest.raises(FlaxFormatError) as excinfo:
         load_jax_checkpoint(tmp_path / "junk")
     assert "not a msgpack file" in _one_line(excinfo)
+
+
+def synthetic_tree(config, order="creation"):
+    """A zero-valued Flax tree of ``config`` in creation order or with sorted keys."""
+    tree = {}
+    for _, _, sources, _ in ncsnpp_layout(config):
+        for path, shape in sources:
+            module, leaf = path.split("/", 1)
+            node = tree.setdefault(module, {})
+            *inner, last = leaf.split("/")
+            for name in inner:
+                node = node.setdefault(name, {})
+            node[last] = pack_array(np.zeros(shape, np.float32))
+    return {k: tree[k] for k in sorted(tree)} if order == "sorted" else tree
+
+
+def test_attention_levels_when_widths_are_equal():
+    config = dict(FULL, nf=8, num_blocks=1, attn_resolutions=(8,))  # ch_mult 2,2,2: every level 16 wide
+    assert infer_config(synthetic_tree(config))["attn_resolutions"] == (8,)  # read from the creation order
+    # sorted keys lose the order: the shapes fit any level, the CIFAR-10 choice (16) is taken ...
+    assert infer_config(synthetic_tree(config, "sorted"))["attn_resolutions"] == (16,)
+    # ... unless the caller says
+    assert infer_config(synthetic_tree(config, "sorted"), attn_resolutions=(8,))["attn_resolutions"] == (8,)
+    with pytest.raises(FlaxFormatError, match="ambiguous in this tree; pass attn_resolutions"):
+        infer_config(synthetic_tree(config, "sorted"), image_size=128)  # no 16x16 level to fall back on
