@@ -23,6 +23,7 @@ conv, Fourier W → the ``freqs`` buffer). Every problem is a one-line
 """
 
 import re
+from itertools import combinations
 
 import numpy as np
 
@@ -58,12 +59,14 @@ def _counts(tree, prefix):
     return {cls: len(idx) for cls, idx in found.items()}
 
 
-def _shape(tree, prefix, module, leaf):
-    node = tree.get(module)
-    where = _join(prefix, module, leaf)
-    if not isinstance(node, dict) or leaf not in node:
-        raise FlaxFormatError(f"{where}: missing")
-    return leaf_shape(node[leaf], where)
+def _shape(tree, prefix, path):
+    """Shape of the leaf at ``path`` ("Module/Sub/leaf") without decoding it."""
+    node = tree
+    for name in path.split("/"):
+        if not isinstance(node, dict) or name not in node:
+            raise FlaxFormatError(f"{_join(prefix, path)}: missing")
+        node = node[name]
+    return leaf_shape(node, _join(prefix, path))
 
 
 def _attention_from_order(tree, num_levels, num_blocks):
@@ -124,9 +127,8 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
     """
     counts = _counts(tree, prefix)
     num_levels = counts[DOWN] + 1
-    nf = _shape(tree, prefix, "Conv_0", "kernel")[-1]
-    in_channels = _shape(tree, prefix, "Conv_0", "kernel")[-2]
-    out_channels = _shape(tree, prefix, "Conv_1", "kernel")[-1]
+    in_channels, nf = _shape(tree, prefix, "Conv_0/kernel")[-2:]
+    out_channels = _shape(tree, prefix, "Conv_1/kernel")[-1]
     # residual blocks: L·nb (enc) + (L−1) down + 2 mid + L·(nb+1) dec + (L−1) up
     rest = counts[RESNET] - 2 - 2 * (num_levels - 1) - num_levels
     if rest <= 0 or rest % (2 * num_levels):
@@ -137,15 +139,10 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
     num_blocks = rest // (2 * num_levels)
     ch_mult = []
     for level in range(num_levels):
-        module = f"{RESNET}_{level * (num_blocks + 1)}"
-        node = tree.get(module)
-        if not isinstance(node, dict) or not isinstance(node.get("Conv_0"), dict) or "kernel" not in node["Conv_0"]:
-            raise FlaxFormatError(f"{_join(prefix, module, 'Conv_0/kernel')}: missing")
-        width = leaf_shape(node["Conv_0"]["kernel"], _join(prefix, module, "Conv_0/kernel"))[-1]
+        path = f"{RESNET}_{level * (num_blocks + 1)}/Conv_0/kernel"  # first encoder block of the level
+        width = _shape(tree, prefix, path)[-1]
         if width % nf:
-            raise FlaxFormatError(
-                f"{_join(prefix, module, 'Conv_0/kernel')}: width {width} is not a multiple of nf {nf}"
-            )
+            raise FlaxFormatError(f"{_join(prefix, path)}: width {width} is not a multiple of nf {nf}")
         ch_mult.append(width // nf)
     # attention blocks: nb per attended level in the encoder, 1 in the middle, 1 per level in the decoder
     if (counts[ATTN] - 1) % (num_blocks + 1) or counts[ATTN] < 1:
@@ -156,8 +153,8 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
     else:
         attn_levels = _attention_from_order(tree, num_levels, num_blocks)
         if attn_levels is None:
-            attn_levels = _attention_from_widths(tree, prefix, num_levels, num_blocks, nf, ch_mult, num_attn_levels,
-                                                 image_size)
+            widths = [_shape(tree, prefix, f"{ATTN}_{j}/NIN_3/b")[0] for j in range(counts[ATTN])]
+            attn_levels = _attention_from_widths(widths, num_blocks, nf, ch_mult, num_attn_levels, image_size, prefix)
     if len(attn_levels) != num_attn_levels:
         raise FlaxFormatError(
             f"{_join(prefix, ATTN + '_*')}: {counts[ATTN]} attention blocks do not fit attention at levels "
@@ -174,17 +171,9 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
     )
 
 
-def _attention_from_widths(tree, prefix, num_levels, num_blocks, nf, ch_mult, count, image_size):
-    """Attention levels whose widths fit the attention blocks; ties go to the CIFAR-10 choice (16x16)."""
-    from itertools import combinations
-
-    widths = []
-    for j in range(count * (num_blocks + 1) + 1):
-        node = tree.get(f"{ATTN}_{j}", {})
-        where = _join(prefix, f"{ATTN}_{j}", "NIN_3/b")
-        if not isinstance(node, dict) or not isinstance(node.get("NIN_3"), dict) or "b" not in node["NIN_3"]:
-            raise FlaxFormatError(f"{where}: missing")
-        widths.append(leaf_shape(node["NIN_3"]["b"], where)[0])
+def _attention_from_widths(widths, num_blocks, nf, ch_mult, count, image_size, prefix):
+    """Attention levels whose widths fit those of the attention blocks; ties go to the CIFAR-10 choice (16x16)."""
+    num_levels = len(ch_mult)
     fits = []
     for levels in combinations(range(num_levels), count):
         want = [nf * ch_mult[lvl] for lvl in levels for _ in range(num_blocks)] + [nf * ch_mult[-1]]

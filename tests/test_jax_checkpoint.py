@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from cm.flax_msgpack import FlaxFormatError, read_msgpack_tree
-from cm.jax_checkpoint import is_jax_checkpoint, load_jax_checkpoint, model_from_flags, read_jax_checkpoint
+from cm.jax_checkpoint import (
+    flags_from_config,
+    is_jax_checkpoint,
+    load_jax_checkpoint,
+    model_from_flags,
+    read_jax_checkpoint,
+)
 from cm.jax_ncsnpp import flax_parameter_count, infer_config, ncsnpp_layout, songunet_parameter_count
 from cm.karras_diffusion import KarrasDenoiser
 
@@ -80,6 +86,9 @@ def test_full_cd_config_matches_edm_manifest_and_parameter_counts():
     assert [(key, shape) for key, _, _, shape in ncsnpp_layout(FULL)] == edm
     assert flax_parameter_count(FULL) == 56_395_651
     assert songunet_parameter_count(FULL) == 56_395_523
+    with torch.device("meta"):  # our network built from the flags, without allocating it
+        model = model_from_flags(flags_from_config(FULL))
+    assert sum(p.numel() for p in model.parameters()) == 56_395_523
 
 
 def test_converted_state_loads_strict_into_ncsnpp_built_from_flags():
