@@ -7,7 +7,8 @@ The files of openai/consistency_models_cifar10 (``edm_cifar10_ema``, ``cd-l1``,
 ``target_params``) or a bare parameter tree. `load_jax_checkpoint` reads one
 without JAX/Flax and returns our `SongUNet` (NCSN++, eval mode) holding the
 chosen parameter set, plus the flags that rebuild it — the same contract as
-the EDM pickle loader. Sample it through `KarrasDenoiser` with
+the EDM pickle loader; `cm.model_files` hands these files (recognised by
+content: they have no suffix) to the scripts. Sample it through `KarrasDenoiser` with
 ``distillation=True`` (CD/CT models, boundary condition at σ_min 0.002) or
 ``False`` (the EDM teacher); σ_data is 0.5 in both.
 """
@@ -67,7 +68,7 @@ def select_parameter_set(tree, which, path):
 
 
 def flags_from_config(config):
-    """Script flags (``--arch ncsnpp`` …) that rebuild the network of an inferred config."""
+    """Script flags (``--arch ncsnpp`` …, `cm.model_files.STRUCTURE_FLAGS`) that rebuild the network of a config."""
     return dict(
         arch="ncsnpp",
         image_size=config["image_size"],
@@ -77,7 +78,6 @@ def flags_from_config(config):
         attention_resolutions=",".join(map(str, config["attn_resolutions"])),
         class_cond=False,
         augment_dim=0,
-        dropout=0.0,
     )
 
 
@@ -97,7 +97,7 @@ def model_from_flags(flags):
         channel_mult=[int(m) for m in str(flags["channel_mult"]).split(",")],
         num_res_blocks=flags["num_res_blocks"],
         attention_resolutions=[int(r) for r in str(flags["attention_resolutions"]).split(",")],
-        dropout=flags["dropout"],
+        dropout=flags.get("dropout", 0.0),
         class_cond=flags["class_cond"],
     )
 
@@ -126,26 +126,3 @@ def load_jax_checkpoint(path, which="params_ema", image_size=32, attn_resolution
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), flags
 
-
-NETWORK_FLAGS = ("arch", "num_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "class_cond",
-                 "augment_dim")
-
-
-def read_for_args(args, path, flag, which="params_ema"):
-    """For scripts: the converted state_dict of a Flax file at ``path``, or None for any other file.
-
-    A Flax file fixes the network, so its flags (`NETWORK_FLAGS`) replace those
-    in ``args``; ``args.image_size`` is used since the file does not store it.
-    Errors are one line naming ``flag``.
-    """
-    if not path or not is_jax_checkpoint(path):
-        return None
-    from .cli import UsageError
-
-    try:
-        state_dict, flags = read_jax_checkpoint(path, which, image_size=args.image_size)
-    except FlaxFormatError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-    for name in NETWORK_FLAGS:
-        setattr(args, name, flags[name])
-    return state_dict

@@ -42,7 +42,6 @@ from .checkpoint import CheckpointError
 from .cli import OneLineArgumentParser, UsageError
 from .fileio import write_atomic
 from .fp16_util import resolve_use_fp16
-from .jax_checkpoint import read_for_args as read_jax_for_args
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
 from .script_util import (
@@ -176,20 +175,19 @@ def read_checkpoint(path):
         raise UsageError(f"--model_path: {e}") from None
 
 
-def load_model_and_diffusion(args, device=None):
+def load_model_and_diffusion(args, device=None, state_dict=None):
     """Build the model/denoiser from the flags and load ``args.model_path``.
 
     Returns (model in eval mode on ``device``, diffusion, removed key prefix).
-    A JAX/Flax checkpoint of openai/consistency_models_cifar10 sets the network
-    flags itself (see `cm.jax_checkpoint.read_for_args`).
     ``--use_fp16 True`` converts the model only when CUDA is present (else warns once).
+    ``state_dict``: weights already read (a self-describing file), instead of reading the path.
     """
-    jax_state = read_jax_for_args(args, args.model_path, "--model_path")  # None unless a Flax file
     model, diffusion = create_model_and_diffusion(
         **model_and_diffusion_kwargs(args, distillation=uses_distillation(args.training_mode))
     )
-    state = jax_state if jax_state is not None else read_checkpoint(args.model_path)
-    prefix = load_model_state(model, state, args.model_path)
+    if state_dict is None:
+        state_dict = read_checkpoint(args.model_path)
+    prefix = load_model_state(model, state_dict, args.model_path)
     model.to(device if device is not None else dist_util.dev())
     if resolve_use_fp16(args.use_fp16):
         model.convert_to_fp16()

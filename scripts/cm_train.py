@@ -18,8 +18,8 @@ import torch
 
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
-from cm.jax_checkpoint import read_for_args as read_jax_for_args
-from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
+from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
+from cm.model_files import adopt_network_flags
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -64,6 +64,10 @@ def main(argv=None):
         )
     if args.training_mode != "consistency_training" and not args.teacher_model_path:
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
+    # an EDM .pkl teacher fixes the architecture flags (teacher and student share it)
+    teacher_file = adopt_network_flags(args, "teacher_model_path", model_and_diffusion_defaults())
+    if teacher_file and teacher_file[1].get("training_mode", "edm") != "edm":  # JAX files do not say
+        raise UsageError(f"--teacher_model_path {args.teacher_model_path} is a consistency model, not an EDM teacher")
     ema_scale_fn = create_ema_and_scales_fn(
         target_ema_mode=args.target_ema_mode,
         start_ema=args.start_ema,
@@ -81,8 +85,6 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     # consistency models use the boundary-condition scalings; progdist students are EDM denoisers
     distillation = args.training_mode != "progdist"
-    # a JAX/Flax teacher (openai/consistency_models_cifar10) sets the network flags of student and teacher
-    teacher_state = read_jax_for_args(args, args.teacher_model_path, "--teacher_model_path")
     model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     model.to(dist_util.dev())
@@ -93,8 +95,7 @@ def main(argv=None):
     if args.teacher_model_path:
         teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
-        if teacher_state is None:
-            teacher_state = read_checkpoint(args.teacher_model_path)
+        teacher_state = teacher_file[0].state_dict() if teacher_file else read_checkpoint(args.teacher_model_path)
         load_model_state(teacher_model, teacher_state, args.teacher_model_path)
         teacher_model.to(dist_util.dev())
 

@@ -3,8 +3,8 @@
     python scripts/convert_jax_checkpoint.py --checkpoint cd-lpips/checkpoints/checkpoint_80 --out cd_lpips.pt
 
 writes ``cd_lpips.pt`` (the NCSN++ SongUNet state_dict, loadable with strict=True
-into ``--arch ncsnpp``) and ``cd_lpips.json`` (the flags that build that network),
-and prints those flags. No JAX or Flax needed.
+into ``--arch ncsnpp``) and ``cd_lpips.json`` (``flags``: the flags that build that
+network, as convert_edm_pkl.py writes them), and prints those flags. No JAX or Flax needed.
 """
 
 import argparse
@@ -46,7 +46,8 @@ def main(argv=None):
     state_dict, flags = read_jax_checkpoint(args.checkpoint, args.which, args.image_size, attn)
     flags_path = args.out[: -len(".pt")] + ".json"
     save_atomic(state_dict, args.out)
-    write_atomic(flags_path, lambda f: f.write((json.dumps(flags, indent=1) + "\n").encode()))
+    text = json.dumps({"flags": flags, "source": os.path.basename(args.checkpoint), "which": args.which}, indent=2)
+    write_atomic(flags_path, lambda f: f.write((text + "\n").encode()))
     count = sum(v.numel() for k, v in state_dict.items() if not k.endswith(("resample_filter", "freqs")))
     print(f"wrote {args.out} ({args.which}, {count:,} parameters) and {flags_path}")
     print(f"flags: {flags_as_cli(flags)}")

@@ -38,7 +38,7 @@ def samples(folder):
 
 def test_convert_round_trip_and_sampling(tmp_path):
     out = ok(run("convert_jax_checkpoint.py", f"--checkpoint {CKPT} --out {tmp_path}/cd.pt --image_size 16", tmp_path))
-    flags = json.loads((tmp_path / "cd.json").read_text())
+    flags = json.loads((tmp_path / "cd.json").read_text())["flags"]
     printed = out.stdout.split("flags: ", 1)[1].strip()
     assert "--arch ncsnpp" in printed and "--channel_mult 1,2" in printed and "--attention_resolutions 8" in printed
 

@@ -14,6 +14,15 @@ CASES = json.loads((EDM / "cases.json").read_text())
 SMALL = ["ddpmpp_cond_small", "ncsnpp_uncond_small"]
 FULL = ["ddpmpp_cond_cifar10", "ddpmpp_uncond_cifar10", "ncsnpp_uncond_cifar10"]
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two on a shared machine (conftest sets two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def edm_kwargs(name):
     """SongUNet keyword arguments from an EDM constructor config of cases.json."""
