@@ -191,3 +191,23 @@ def test_attention_levels_when_widths_are_equal():
     assert infer_config(synthetic_tree(config, "sorted"), attn_resolutions=(8,))["attn_resolutions"] == (8,)
     with pytest.raises(FlaxFormatError, match="ambiguous in this tree; pass attn_resolutions"):
         infer_config(synthetic_tree(config, "sorted"), image_size=128)  # no 16x16 level to fall back on
+
+
+def test_scripts_adopt_the_network_flags_of_a_flax_file():
+    from argparse import Namespace
+
+    from cm.cli import UsageError
+    from cm.model_files import adopt_network_flags
+    from cm.sample_util import sample_flag_defaults
+
+    defaults = sample_flag_defaults()
+    args = Namespace(**dict(defaults, model_path=str(CKPT)))
+    model, flags = adopt_network_flags(args, "model_path", defaults)
+    assert args.arch == "ncsnpp" and args.num_channels == 8 and args.channel_mult == "1,2"
+    assert args.image_size == 32 and args.attention_resolutions == "16"  # no --image_size given: CIFAR-10's 32
+    args = Namespace(**dict(defaults, model_path=str(CKPT), image_size=16))
+    adopt_network_flags(args, "model_path", defaults)
+    assert args.image_size == 16 and args.attention_resolutions == "8"
+    args = Namespace(**dict(defaults, model_path=str(CKPT), num_channels=64))
+    with pytest.raises(UsageError, match="--num_channels 64 contradicts --model_path"):
+        adopt_network_flags(args, "model_path", defaults)
