@@ -1,35 +1,14 @@
 """--arch adm|ddpmpp|ncsnpp through the factories and the training script."""
 
-import importlib.util
-import os
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cm.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults
 from cm.song_unet import SongUNet
 from cm.unet import UNetModel
+from song_helpers import image_folder, load_script, one_thread  # noqa: F401  (autouse fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(image_size=8, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (conftest sets two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_default_arch_is_adm_and_positional_signature_still_works():
@@ -65,11 +44,7 @@ def test_song_only_flags_refused_for_adm():
 def test_edm_train_arch_ddpmpp_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / f"{i % 2}_{i}.png")
+    data = image_folder(tmp_path / "data", 8)
     logs = tmp_path / "logs"
     argv = (
         f"--arch ddpmpp --augment_dim 9 --label_dropout 0.1 --class_cond True --dropout 0.13 --image_size 8 "

@@ -1,43 +1,21 @@
 """EDM-format .pkl snapshots: the safe loader, the scripts that take them, and every refusal."""
 
 import collections
-import importlib.util
 import json
-import os
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cm.cli import UsageError, run_cli
 from cm.edm_pickle import load_edm_pickle
 from cm.karras_diffusion import KarrasDenoiser
 from cm.model_files import is_network_file, load_network_file
-
-ROOT = Path(__file__).resolve().parents[1]
-EDM = ROOT / "tests" / "data" / "edm"
+from song_helpers import EDM, image_folder, load_script, one_thread  # noqa: F401  (autouse fixture)
 SMALL = ["ddpmpp_cond_small", "ncsnpp_uncond_small"]
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (conftest sets two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- writing EDM-style pickles of our own (for the cases no golden file covers) ----
@@ -232,11 +210,7 @@ def test_bad_inputs_to_scripts_write_nothing(tmp_path, capsys):
 
 def test_cm_train_distils_from_pkl_teacher(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i % 2}_{i}.png")
+    data = image_folder(tmp_path / "data", 16)
     pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
     argv = (f"--teacher_model_path {pkl} --training_mode consistency_distillation --loss_norm l2 --lr 0 "
             f"--start_scales 4 --global_batch_size 2 --total_training_steps 1 --save_interval 1 --ema_rate 0.9 "

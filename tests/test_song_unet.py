@@ -1,27 +1,16 @@
 """EDM's DDPM++ / NCSN++ network against numbers from EDM's own code (tests/data/edm/)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from cm.karras_diffusion import KarrasDenoiser
 from cm.song_unet import SongUNet, song_unet_from_flags
-
-EDM = Path(__file__).parent / "data" / "edm"
+from song_helpers import EDM, one_thread  # noqa: F401  (autouse fixture)
 CASES = json.loads((EDM / "cases.json").read_text())
 SMALL = ["ddpmpp_cond_small", "ncsnpp_uncond_small"]
 FULL = ["ddpmpp_cond_cifar10", "ddpmpp_uncond_cifar10", "ncsnpp_uncond_cifar10"]
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (conftest sets two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def edm_kwargs(name):
