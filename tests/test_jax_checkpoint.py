@@ -17,6 +17,7 @@ from cm.jax_ncsnpp import flax_parameter_count, infer_config, ncsnpp_layout, son
 from cm.karras_diffusion import KarrasDenoiser
 
 from golden import DATA
+from song_helpers import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny models)
 
 JAX = DATA / "jax"
 CKPT = JAX / "checkpoint_80"

@@ -1,34 +1,26 @@
-"""Scripts on a JAX/Flax checkpoint: convert round trip, image_sample, cm_train teacher, bad input."""
+"""Scripts on a JAX/Flax checkpoint: convert round trip, image_sample, cm_train teacher, bad input (in-process)."""
 
 import json
 import os
-import shlex
-import subprocess
-import sys
 
+import msgpack
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from cm.cli import run_cli
 from cm.jax_checkpoint import read_jax_checkpoint
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from song_helpers import ROOT, image_folder, load_script, one_thread  # noqa: F401  (autouse fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CKPT = os.path.join(ROOT, "tests", "data", "jax", "checkpoint_80")
+CKPT = ROOT / "tests" / "data" / "jax" / "checkpoint_80"
 SAMPLE = "--image_size 16 --num_samples 3 --batch_size 2"
 
 
-def run(name, flags, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_LOGDIR", "CM_LPIPS_PATH")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", name), *shlex.split(flags)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def run_script(name, argv, capsys):
+    rc = run_cli(load_script(name).main, argv.split())
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def samples(folder):
@@ -36,10 +28,12 @@ def samples(folder):
     return np.load(os.path.join(folder, name))["arr_0"]
 
 
-def test_convert_round_trip_and_sampling(tmp_path):
-    out = ok(run("convert_jax_checkpoint.py", f"--checkpoint {CKPT} --out {tmp_path}/cd.pt --image_size 16", tmp_path))
+def test_convert_round_trip_and_sampling(tmp_path, capsys):
+    rc, out, err = run_script("convert_jax_checkpoint", f"--checkpoint {CKPT} --out {tmp_path}/cd.pt --image_size 16",
+                              capsys)
+    assert rc == 0, err
     flags = json.loads((tmp_path / "cd.json").read_text())["flags"]
-    printed = out.stdout.split("flags: ", 1)[1].strip()
+    printed = out.split("flags: ", 1)[1].strip()
     assert "--arch ncsnpp" in printed and "--channel_mult 1,2" in printed and "--attention_resolutions 8" in printed
 
     # the .pt loads strict=True into --arch ncsnpp built from the printed flags
@@ -49,9 +43,12 @@ def test_convert_round_trip_and_sampling(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
 
     cd = "--training_mode consistency_distillation --sampler onestep"
-    ok(run("image_sample.py", f"{cd} {SAMPLE} --model_path {CKPT} --logging_dir {tmp_path}/jax", tmp_path))
-    ok(run("image_sample.py", f"{cd} {SAMPLE} --model_path {tmp_path}/cd.pt {printed} --logging_dir {tmp_path}/pt",
-           tmp_path))
+    rc, _, err = run_script("image_sample", f"{cd} {SAMPLE} --model_path {CKPT} --logging_dir {tmp_path}/jax", capsys)
+    assert rc == 0, err
+    rc, _, err = run_script(
+        "image_sample", f"{cd} {SAMPLE} --model_path {tmp_path}/cd.pt {printed} --logging_dir {tmp_path}/pt", capsys
+    )
+    assert rc == 0, err
     direct, converted = samples(tmp_path / "jax"), samples(tmp_path / "pt")
     assert direct.shape == (3, 16, 16, 3) and np.array_equal(direct, converted)
     args = json.loads((tmp_path / "jax" / "args.json").read_text())
@@ -59,28 +56,26 @@ def test_convert_round_trip_and_sampling(tmp_path):
 
     # multistep with the consistency model and Heun with EDM scalings also run on the file
     multi = "--training_mode consistency_distillation --sampler multistep --ts 0,10,17 --steps 18"
-    ok(run("image_sample.py", f"{multi} {SAMPLE} --model_path {CKPT} --logging_dir {tmp_path}/multi", tmp_path))
-    ok(run("image_sample.py", f"--training_mode edm --sampler heun --steps 3 {SAMPLE} --model_path {CKPT} "
-                              f"--logging_dir {tmp_path}/heun", tmp_path))
+    rc, _, err = run_script("image_sample", f"{multi} {SAMPLE} --model_path {CKPT} --logging_dir {tmp_path}/multi",
+                            capsys)
+    assert rc == 0, err
+    heun = "--training_mode edm --sampler heun --steps 3"
+    rc, _, err = run_script("image_sample", f"{heun} {SAMPLE} --model_path {CKPT} --logging_dir {tmp_path}/heun",
+                            capsys)
+    assert rc == 0, err
     assert not np.array_equal(samples(tmp_path / "multi"), direct)
     assert samples(tmp_path / "heun").shape == (3, 16, 16, 3)
 
 
-def test_cm_train_distils_from_a_jax_teacher(tmp_path):
-    from sklearn.datasets import load_digits
-
-    data = tmp_path / "digits"
-    data.mkdir()
-    digits = load_digits()
-    for i in range(4):
-        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).resize((16, 16))
-        img.convert("RGB").save(data / f"{digits.target[i]}_{i}.png")
-    flags = (
+def test_cm_train_distils_from_a_jax_teacher(tmp_path, capsys):
+    data = image_folder(tmp_path / "images", 16)
+    argv = (
         f"--training_mode consistency_distillation --teacher_model_path {CKPT} --image_size 16 --data_dir {data} "
         f"--logging_dir {tmp_path}/cd --loss_norm l2 --global_batch_size 4 --total_training_steps 1 "
         "--save_interval 1 --weight_schedule uniform --scale_mode fixed --start_scales 18 --lr 0.000008"
     )
-    ok(run("cm_train.py", flags, tmp_path))
+    rc, _, err = run_script("cm_train", argv, capsys)
+    assert rc == 0, err
     teacher, _ = read_jax_checkpoint(CKPT, image_size=16)
     student = torch.load(tmp_path / "cd" / "model000001.pt", weights_only=True)
     assert student.keys() == teacher.keys()
@@ -89,24 +84,23 @@ def test_cm_train_distils_from_a_jax_teacher(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script, flags, message",
+    "script, argv, message",
     [
-        ("convert_jax_checkpoint.py", "--checkpoint {bad} --out {tmp}/x.pt",
+        ("convert_jax_checkpoint", "--checkpoint {bad} --out {tmp}/x.pt",
          "{bad}: not a consistency-model state or NCSN++ parameter tree (top-level keys: step, opt)"),
-        ("convert_jax_checkpoint.py", "--checkpoint {ckpt} --out {tmp}/nowhere/x.pt", "--out: folder"),
-        ("image_sample.py", "--model_path {bad} --image_size 16 --logging_dir {tmp}/s",
+        ("convert_jax_checkpoint", "--checkpoint {ckpt} --out {tmp}/nowhere/x.pt", "--out: folder"),
+        ("image_sample", "--model_path {bad} --image_size 16 --logging_dir {tmp}/s",
          "--model_path: {bad}: not a consistency-model state"),
+        ("image_sample", "--model_path {ckpt} --image_size 16 --num_channels 64 --logging_dir {tmp}/s",
+         "--num_channels 64 contradicts --model_path"),
     ],
-    ids=["not-a-state", "no-out-folder", "sample-not-a-state"],
+    ids=["not-a-state", "no-out-folder", "sample-not-a-state", "contradicting-flag"],
 )
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, script, flags, message):
-    import msgpack
-
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, script, argv, message):
     bad = tmp_path / "bad_state"
     bad.write_bytes(msgpack.packb({"step": 1, "opt": {"0": 2}}))
     fmt = dict(bad=bad, tmp=tmp_path, ckpt=CKPT)
-    proc = run(script, flags.format(**fmt), tmp_path)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message.format(**fmt) in lines[0], proc.stderr
+    rc, _, err = run_script(script, argv.format(**fmt), capsys)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and message.format(**fmt) in lines[0], err
     assert sorted(os.listdir(tmp_path)) == ["bad_state"]
