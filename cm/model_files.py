@@ -22,6 +22,8 @@ STRUCTURE_FLAGS = (
     "class_cond",
     "augment_dim",
 )
+# ... and, for sampling, the scalings the file's preconditioner implies
+SAMPLING_FLAGS = STRUCTURE_FLAGS + ("training_mode", "sigma_min")
 
 
 def _read_edm_pickle(path, image_size=None):

@@ -13,7 +13,7 @@ import sys
 
 from cm import dist_util, logger
 from cm.cli import run_cli
-from cm.model_files import STRUCTURE_FLAGS, adopt_network_flags
+from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.sample_util import (
     check_sample_args,
     create_argparser,
@@ -27,8 +27,7 @@ from cm.sample_util import (
 def main(argv=None):
     args = create_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
     # a self-describing file (EDM .pkl) sets the network flags; a contradicting flag is an error
-    file_flags = STRUCTURE_FLAGS + ("training_mode", "sigma_min")
-    network = adopt_network_flags(args, "model_path", sample_flag_defaults(), file_flags)
+    network = adopt_network_flags(args, "model_path", sample_flag_defaults(), SAMPLING_FLAGS)
     ts, class_labels = check_sample_args(args)
 
     dist_util.setup_dist()

@@ -15,7 +15,7 @@ import sys
 from cm import dist_util, logger
 from cm.cli import UsageError, run_cli
 from cm.fileio import write_atomic
-from cm.model_files import STRUCTURE_FLAGS, adopt_network_flags
+from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.sample_util import (
     check_common_args,
     create_argparser,
@@ -63,9 +63,8 @@ def check_search_args(args):
 def main(argv=None):
     parser = create_argparser(search_defaults(), description=__doc__.splitlines()[0], help=SEARCH_HELP)
     args = parser.parse_args(argv)
-    # a self-describing file (EDM .pkl, JAX/Flax checkpoint) sets the network flags, as in image_sample.py
-    file_flags = STRUCTURE_FLAGS + ("training_mode", "sigma_min")
-    network = adopt_network_flags(args, "model_path", search_defaults(), file_flags)
+    # a self-describing file (EDM .pkl, JAX/Flax checkpoint) sets the network flags; a contradicting flag is an error
+    network = adopt_network_flags(args, "model_path", search_defaults(), SAMPLING_FLAGS)
     class_labels, lo, hi = check_search_args(args)
 
     dist_util.setup_dist()

@@ -199,13 +199,26 @@ def test_sample_contradicting_flag_is_refused_before_writing(tmp_path, capsys, f
     assert not (tmp_path / "x").exists()
 
 
-def test_bad_inputs_to_scripts_write_nothing(tmp_path, capsys):
-    for name, (path, message) in bad_files(tmp_path).items():
+def test_ternary_search_takes_pkl_flags(tmp_path, capsys):
+    pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
+    rc, err = run_script("ternary_search", f"--model_path {pkl} --num_channels 32 --logging_dir {tmp_path / 'x'}",
+                         capsys)
+    assert rc == 1 and "--num_channels 32 contradicts" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = run_script("ternary_search", f"--model_path {pkl} --logging_dir {tmp_path / 'x'}", capsys)
+    assert rc == 1 and "--ref is required" in err, err  # the file's flags were accepted
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_inputs_to_scripts_write_nothing(ddpmpp, tmp_path, capsys, monkeypatch):
+    files = bad_files(tmp_path)
+    vp = dict(ema=precond("VPPrecond", ddpmpp[0]))
+    files["unsupported"] = (write_edm_pickle(tmp_path / "unsupported.pkl", vp, monkeypatch), "VPPrecond")
+    for name, (path, message) in files.items():
         rc, err = run_script("image_sample", f"--model_path {path} {SAMPLE} --logging_dir {tmp_path / 'x'}", capsys)
         assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, (name, err)
         rc, err = run_script("convert_edm_pkl", f"--pkl {path} --out {tmp_path / 'y.pt'}", capsys)
         assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, (name, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.pkl" for n in bad_files(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.pkl" for n in files)
 
 
 def test_cm_train_distils_from_pkl_teacher(tmp_path, capsys, monkeypatch):
