@@ -1,7 +1,7 @@
 """Self-describing network files: which formats carry their own architecture, and adopting it.
 
 A plain `.pt` checkpoint is a bare state_dict: the flags say which network it
-fits. Other formats carry the architecture (an EDM `.pkl`, ...): for them
+fits. Other formats carry the architecture (an EDM `.pkl`, OpenAI's JAX/Flax files, ...): for them
 `load_network_file(path)` returns (model, flags), and `adopt_network_flags`
 makes a script's flags agree with the file before anything is built or written.
 Add a format by adding its suffix and reader to `READERS`.
@@ -26,28 +26,52 @@ STRUCTURE_FLAGS = (
 SAMPLING_FLAGS = STRUCTURE_FLAGS + ("training_mode", "sigma_min")
 
 
-def _read_edm_pickle(path):
+def _read_edm_pickle(path, image_size=None):
     from .edm_pickle import load_edm_pickle
 
     return load_edm_pickle(path)
 
 
+def _read_jax_checkpoint(path, image_size=None):
+    """OpenAI's JAX/Flax CIFAR-10 files; they do not store the image size (32 unless given)."""
+    from .flax_msgpack import FlaxFormatError
+    from .jax_checkpoint import load_jax_checkpoint
+
+    try:
+        return load_jax_checkpoint(path, image_size=image_size or 32)
+    except FlaxFormatError as e:
+        raise UsageError(str(e)) from None
+
+
 READERS = {".pkl": _read_edm_pickle}
+
+
+def _reader(path):
+    """The reader of ``path``: by suffix, else a Flax msgpack file by content (they have no suffix)."""
+    from .jax_checkpoint import is_jax_checkpoint
+
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix in READERS:
+        return READERS[suffix]
+    return _read_jax_checkpoint if is_jax_checkpoint(path) else None
 
 
 def is_network_file(path):
     """True when ``path`` is in a format that carries its own architecture."""
-    return bool(path) and os.path.splitext(str(path))[1].lower() in READERS
+    return bool(path) and _reader(path) is not None
 
 
-def load_network_file(path):
-    """(model in eval mode, flags) of a self-describing network file; one-line UsageError else."""
-    suffix = os.path.splitext(str(path))[1].lower()
-    if suffix not in READERS:
-        raise UsageError(f"{path}: not a self-describing network file ({', '.join(READERS)})")
+def load_network_file(path, image_size=None):
+    """(model in eval mode, flags) of a self-describing network file; one-line UsageError else.
+
+    ``image_size`` is for formats that do not store it (JAX/Flax files).
+    """
+    reader = _reader(path)
+    if reader is None:
+        raise UsageError(f"{path}: not a self-describing network file ({', '.join(READERS)} or a Flax checkpoint)")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
-    return READERS[suffix](path)
+    return reader(path, image_size=image_size)
 
 
 def _normal(key, value):
@@ -67,8 +91,11 @@ def adopt_network_flags(args, flag, defaults, keys=STRUCTURE_FLAGS):
     path = getattr(args, flag)
     if not is_network_file(path):
         return None
+    image_size = getattr(args, "image_size", None)
+    if image_size == defaults.get("image_size"):
+        image_size = None  # not set by the user: the file's own, if it stores one
     try:
-        model, flags = load_network_file(path)
+        model, flags = load_network_file(path, image_size=image_size)
     except UsageError as e:
         raise UsageError(f"--{flag}: {e}") from None
     for key in keys:

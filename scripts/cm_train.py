@@ -66,7 +66,7 @@ def main(argv=None):
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
     # an EDM .pkl teacher fixes the architecture flags (teacher and student share it)
     teacher_file = adopt_network_flags(args, "teacher_model_path", model_and_diffusion_defaults())
-    if teacher_file and teacher_file[1]["training_mode"] != "edm":
+    if teacher_file and teacher_file[1].get("training_mode", "edm") != "edm":  # JAX files do not say
         raise UsageError(f"--teacher_model_path {args.teacher_model_path} is a consistency model, not an EDM teacher")
     ema_scale_fn = create_ema_and_scales_fn(
         target_ema_mode=args.target_ema_mode,

@@ -63,7 +63,7 @@ def check_search_args(args):
 def main(argv=None):
     parser = create_argparser(search_defaults(), description=__doc__.splitlines()[0], help=SEARCH_HELP)
     args = parser.parse_args(argv)
-    # a self-describing file (EDM .pkl) sets the network flags; a contradicting flag is an error
+    # a self-describing file (EDM .pkl, JAX/Flax checkpoint) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", search_defaults(), SAMPLING_FLAGS)
     class_labels, lo, hi = check_search_args(args)
 
