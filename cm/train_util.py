@@ -391,6 +391,7 @@ class TrainLoop:
         self.global_batch = batch_size * self.world_size
         self.step = 0
         self._saved_step = None
+        self._weights_only = False  # resumed from a file that is not modelNNNNNN.pt
 
         self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
         self._load_model()
@@ -421,7 +422,15 @@ class TrainLoop:
     def _load_model(self):
         self._initial_weights()
         if self.resume_checkpoint:
-            self.step = parse_resume_step(self.resume_checkpoint)
+            try:
+                self.step = parse_resume_step(self.resume_checkpoint)
+            except CheckpointError:
+                # the original's parse_resume_step_from_filename: any other name (an EMA file) is step 0
+                self._weights_only = True
+                logger.log(
+                    f"WARNING: --resume_checkpoint {self.resume_checkpoint} is not a modelNNNNNN.pt file: "
+                    "its weights initialise the model at step 0; no EMA, optimiser or target file is loaded"
+                )
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}")
             state = read_checkpoint(self.resume_checkpoint)
             load_model_state(self.model, state, self.resume_checkpoint)
@@ -430,7 +439,7 @@ class TrainLoop:
 
     def _sibling(self, kind, rate=None):
         """(path, state) of a part of the resumed checkpoint, or None when absent."""
-        if not self.resume_checkpoint:
+        if not self.resume_checkpoint or self._weights_only:
             return None
         name = checkpoint_filename(kind, self.step, rate)
         path = os.path.join(os.path.dirname(self.resume_checkpoint), name)
@@ -701,6 +710,15 @@ class CMTrainLoop(TrainLoop):
         self.ema_scale_fn = ema_scale_fn
         self.target_master_params = None
         super().__init__(total_training_steps=total_training_steps, **kwargs)
+        if self.lr_anneal_steps and self.lr_anneal_steps < total_training_steps:
+            logger.log(
+                f"WARNING: --lr_anneal_steps {self.lr_anneal_steps} < --total_training_steps "
+                f"{total_training_steps}: the lr is 0 from step {self.lr_anneal_steps} on"
+            )
+
+    def finished(self):
+        """True once total_training_steps steps are done (SPEC §8; lr_anneal_steps only decays the lr)."""
+        return self.step >= self.total_training_steps
 
     def _initial_weights(self):
         if self.teacher_model is not None and not self.resume_checkpoint:
@@ -737,9 +755,9 @@ class CMTrainLoop(TrainLoop):
 
     def run_step(self, batch, cond):
         self._seed_step()
-        self._set_lr()
         if self.training_mode == "progdist":
             self._maybe_next_progdist_stage()
+        self._set_lr()  # after a stage change, so its fresh optimiser runs at the logged, annealed lr
         self.forward_backward(batch, cond)
         took_step = self.mp_trainer.optimize(self.opt)
         self.log_step()
