@@ -123,3 +123,102 @@ def test_demo_trains_without_flips(tmp_path):
 def test_cm_train_refuses_a_schedule_sampler_it_would_ignore():
     with pytest.raises(ValueError, match="--schedule_sampler lognormal is not used by cm_train.py"):
         load_script("cm_train").main(["--schedule_sampler", "lognormal", "--training_mode", "consistency_training"])
+
+
+# --- the float16 path on CPU ------------------------------------------------------------------
+# float16 math is what matters, not the device: the fixture lets --use_fp16 through on a CPU and
+# builds the tiny UNets with use_fp16=True (float16 torso, float32 masters, loss scale 2^20).
+
+
+@pytest.fixture
+def fp16(monkeypatch):
+    keep = lambda use_fp16: bool(use_fp16)  # noqa: E731
+    monkeypatch.setattr(fp16_util, "resolve_use_fp16", keep)
+    monkeypatch.setattr(script_util, "resolve_use_fp16", keep)
+    real_build = base.build
+
+    def build(dropout=0.0, distillation=False, num_channels=32):
+        kw = base.model_and_diffusion_defaults()
+        kw.update(image_size=8, channel_mult="1,2", num_channels=num_channels, num_res_blocks=1,
+                  attention_resolutions="4", dropout=dropout, distillation=distillation, loss_norm="l2",
+                  use_fp16=True)
+        torch.manual_seed(0)
+        return script_util.create_model_and_diffusion(**kw)
+
+    monkeypatch.setattr(base, "build", build)
+    return real_build
+
+
+def overflow(loop):
+    """Make the next step's scaled gradients overflow (2^200 · loss is inf in float32)."""
+    loop.mp_trainer.lg_loss_scale = 200.0
+
+
+def test_fp16_loops_step_float16_models_through_float32_masters(fp16, tmp_path):
+    for make in (lambda d: edm_loop(d, use_fp16=True), lambda d: cm_loop(d, training_mode="consistency_distillation", use_fp16=True)):
+        loop = make(tmp_path / "a")
+        assert loop.use_fp16 and loop.mp_trainer.loss_scaling
+        assert loop.model.input_blocks[1][0].in_layers[2].weight.dtype == torch.float16
+        assert all(p.dtype == torch.float32 for p in loop.mp_trainer.master_params)
+        assert loop.mp_trainer.lg_loss_scale == 20.0
+        assert loop.run_step(*batch())
+        assert loop.mp_trainer.lg_loss_scale == pytest.approx(20.001)
+        # the float16 model holds the rounded masters
+        for p, m in zip(loop.mp_trainer.model_params, loop.mp_trainer.master_params):
+            assert torch.equal(p, m.to(p.dtype))
+    # the update is the float32 one up to float16 rounding: the 2^20 scale is undone
+    with_fp16 = edm_loop(tmp_path / "b", use_fp16=True)
+    with_fp16.run_step(*batch())
+    base.build, real = fp16, base.build
+    try:
+        plain = edm_loop(tmp_path / "c")
+    finally:
+        base.build = real
+    before = params(plain.model)
+    plain.run_step(*batch())
+    for a, b, p0 in zip(with_fp16.mp_trainer.master_params, plain.mp_trainer.master_params, before):
+        step32 = (b - p0).norm()
+        if step32 > 0:
+            assert (a - p0 - (b - p0)).norm() <= 0.05 * step32 + 1e-6
+
+
+def test_fp16_edm_overflow_skips_the_update_and_counts_the_step(fp16, tmp_path):
+    loop = edm_loop(tmp_path, use_fp16=True)
+    before = params(loop.mp_trainer.master_params)
+    overflow(loop)
+    assert not loop.run_step(*batch())
+    assert loop.step == 1  # the original's EDM loop counts a skipped step
+    assert loop.mp_trainer.lg_loss_scale == 199.0
+    assert_same(params(loop.mp_trainer.master_params), before)
+    assert_same(loop.ema_params[0], before)
+
+
+def test_fp16_consistency_overflow_is_retried_as_the_same_step(fp16, tmp_path):
+    loop = cm_loop(tmp_path / "a", training_mode="consistency_distillation", use_fp16=True)
+    fresh = cm_loop(tmp_path / "b", training_mode="consistency_distillation", use_fp16=True)
+    before, target_before = params(loop.mp_trainer.master_params), params(loop.target_model)
+    overflow(loop)
+    assert not loop.run_step(*batch())
+    assert loop.step == 0 and loop.mp_trainer.lg_loss_scale == 199.0
+    assert_same(params(loop.mp_trainer.master_params), before)
+    assert_same(params(loop.target_model), target_before)
+    # the retry is step 0 again: same seed, noise and levels as a run that never overflowed
+    loop.mp_trainer.lg_loss_scale = 20.0
+    assert loop.run_step(*batch()) and fresh.run_step(*batch())
+    assert loop.step == fresh.step == 1
+    assert_same(params(loop.mp_trainer.master_params), params(fresh.mp_trainer.master_params))
+    assert_same(params(loop.target_model), params(fresh.target_model))
+
+
+def test_fp16_loss_scale_is_saved_and_resumed(fp16, tmp_path):
+    loop = cm_loop(tmp_path, training_mode="consistency_distillation", total_training_steps=2, use_fp16=True)
+    loop.mp_trainer.lg_loss_scale = 17.5
+    loop.run_loop()
+    assert loop.mp_trainer.lg_loss_scale == pytest.approx(17.502)
+    assert torch.load(tmp_path / "opt000002.pt", weights_only=True)["lg_loss_scale"] == pytest.approx(17.502)
+    resumed = cm_loop(tmp_path, training_mode="consistency_distillation", resume_checkpoint="auto", use_fp16=True)
+    assert resumed.step == 2
+    assert resumed.mp_trainer.lg_loss_scale == loop.mp_trainer.lg_loss_scale
+    # a resumed distillation run keeps its student: it is not reset from the teacher
+    assert_same(params(resumed.mp_trainer.master_params), params(loop.mp_trainer.master_params))
+    assert not all(torch.equal(a, b) for a, b in zip(params(resumed.model), params(resumed.teacher_model)))
