@@ -72,6 +72,7 @@ from .fp16_util import (
     master_params_to_state_dict,
 )
 from .nn import update_ema
+from .opt_layout import is_original_fp16_layout, to_per_parameter
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
 
@@ -473,6 +474,10 @@ class TrainLoop:
         path, state = found
         state = dict(state)
         lg_loss_scale = state.pop("lg_loss_scale", None)
+        shapes = [tuple(p.shape) for p in self.model.parameters()]
+        if is_original_fp16_layout(state, shapes):
+            logger.log(f"{path}: the original's float16 layout (two flat master tensors); split per parameter")
+            state = to_per_parameter(state, shapes)
         self._check_optimizer_state(path, state)
         try:
             self.opt.load_state_dict(state)

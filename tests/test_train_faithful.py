@@ -222,3 +222,62 @@ def test_fp16_loss_scale_is_saved_and_resumed(fp16, tmp_path):
     # a resumed distillation run keeps its student: it is not reset from the teacher
     assert_same(params(resumed.mp_trainer.master_params), params(loop.mp_trainer.master_params))
     assert not all(torch.equal(a, b) for a, b in zip(params(resumed.model), params(resumed.teacher_model)))
+
+
+# --- optimiser files in the original's float16 layout ----------------------------------------
+
+
+def flat_like_the_original(tensors, shapes):
+    """The original's fp16 masters: ndim <= 1 params as one vector, the rest as one [1, M] row."""
+    small = torch.cat([t.reshape(-1) for t, s in zip(tensors, shapes) if len(s) <= 1])
+    large = torch.cat([t.reshape(-1) for t, s in zip(tensors, shapes) if len(s) > 1]).view(1, -1)
+    return [small, large]
+
+
+def assert_same_opt_state(a, b):
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for key in a["state"][k]:
+            torch.testing.assert_close(torch.as_tensor(a["state"][k][key]), torch.as_tensor(b["state"][k][key]),
+                                       rtol=0, atol=0)
+    assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
+
+
+def test_optimizer_files_convert_between_the_original_fp16_layout_and_ours(tmp_path):
+    model, _ = base.build()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
+    ours = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    flat = [t.detach().clone().requires_grad_() for t in flat_like_the_original(ours, shapes)]
+    opt_ours, opt_flat = torch.optim.RAdam(ours, lr=1e-3), torch.optim.RAdam(flat, lr=1e-3)
+    for step_grads in grads:
+        for p, gr in zip(ours, step_grads):
+            p.grad = gr
+        for p, gr in zip(flat, flat_like_the_original(step_grads, shapes)):
+            p.grad = gr
+        opt_ours.step()
+        opt_flat.step()
+    from cm.opt_layout import is_original_fp16_layout, main, to_original, to_per_parameter
+
+    assert is_original_fp16_layout(opt_flat.state_dict(), shapes)
+    assert not is_original_fp16_layout(opt_ours.state_dict(), shapes)
+    assert_same_opt_state(to_per_parameter(opt_flat.state_dict(), shapes), opt_ours.state_dict())
+    assert_same_opt_state(to_original(opt_ours.state_dict(), shapes), opt_flat.state_dict())
+    # and on disk, through the command-line converter
+    torch.save(opt_ours.state_dict(), tmp_path / "opt.pt")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    main([str(tmp_path / "opt.pt"), str(tmp_path / "model.pt"), str(tmp_path / "flat.pt")])
+    assert_same_opt_state(torch.load(tmp_path / "flat.pt", weights_only=True), opt_flat.state_dict())
+
+
+def test_training_resumes_from_an_original_fp16_optimizer_file(tmp_path):
+    from cm.opt_layout import to_original
+
+    first = edm_loop(tmp_path, total_training_steps=2)
+    first.run_loop()
+    shapes = [tuple(p.shape) for p in first.model.parameters()]
+    torch.save(to_original(first.opt.state_dict(), shapes), tmp_path / "opt000002.pt")
+    resumed = edm_loop(tmp_path, resume_checkpoint=str(tmp_path / "model000002.pt"))
+    assert_same_opt_state(resumed.opt.state_dict(), first.opt.state_dict())
