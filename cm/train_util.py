@@ -18,8 +18,8 @@ One step k (0-based) of either loop:
    loop also the target θ⁻ ← μ·θ⁻ + (1−μ)·θ with μ from ``ema_scale_fn(k)``.
 
 After it, ``loop.step`` = k+1 steps are done; checkpoints carry that number.
-In the consistency loop a skipped fp16 step is retried and does not count (as
-in the original); in the EDM loop it counts.
+A skipped fp16 step does not count and is retried on the same batch (the
+original also counts only taken steps, but draws a new batch).
 
 Resuming is bit-exact (tested on CPU: 4 straight steps and 2 + resume + 2
 give identical model, EMA, optimiser and target files) because nothing a step
@@ -579,7 +579,10 @@ class TrainLoop:
         if took_step:
             self._update_ema()
         self.log_step()
-        self.step += 1
+        if took_step:  # as in the original, a skipped fp16 step does not count
+            self.step += 1
+        elif hasattr(self.data, "seek"):
+            self.data.seek(self.step)  # retry the same step on the same batch
         return took_step
 
     def _micro_batches(self, batch, cond):
