@@ -281,3 +281,19 @@ def test_training_resumes_from_an_original_fp16_optimizer_file(tmp_path):
     torch.save(to_original(first.opt.state_dict(), shapes), tmp_path / "opt000002.pt")
     resumed = edm_loop(tmp_path, resume_checkpoint=str(tmp_path / "model000002.pt"))
     assert_same_opt_state(resumed.opt.state_dict(), first.opt.state_dict())
+
+
+# --- test plumbing ------------------------------------------------------------------------------
+
+
+def test_mpiexec_is_found_next_to_the_running_python(tmp_path):
+    from launchers import find_mpiexec
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "mpiexec").write_text("#!/bin/sh\n")
+    (bin_dir / "mpiexec").chmod(0o755)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert find_mpiexec(path=str(empty), executable=str(bin_dir / "python")) == str(bin_dir / "mpiexec")
+    assert find_mpiexec(path=str(empty), executable=str(empty / "python")) is None

@@ -21,6 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from launchers import MPIEXEC
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 DUMP = os.path.join(ROOT, "tests", "train_scripts", "run_and_dump.py")
@@ -441,7 +443,7 @@ def two_process_run(launcher, out_dir, log_dir, digits_dir, **env_extra):
     flags = shlex.split(f"{SMALL} --data_dir {digits_dir} --global_batch_size 4 --total_training_steps 3 "
                         f"--save_interval 3 --logging_dir {log_dir}")
     if launcher == "mpiexec":
-        prefix = ["mpiexec", "-n", "2", sys.executable]
+        prefix = [MPIEXEC, "-n", "2", sys.executable]
     else:  # torchrun
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = prefix + [DUMP, str(out_dir), "edm_train", *flags]
@@ -453,7 +455,7 @@ def identical(a, b):
     return all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (on PATH or next to sys.executable)")
 def test_two_processes_sync_gradients_under_mpiexec_and_torchrun(digits_dir, tmp_path):
     mpi = two_process_run("mpiexec", tmp_path / "mpi", tmp_path / "mpi_logs", digits_dir)
     tr = two_process_run("torchrun", tmp_path / "tr", tmp_path / "tr_logs", digits_dir)
