@@ -59,18 +59,23 @@ def command_argv(line):
     return argv
 
 
-def readme_commands():
-    """{script: argv} of the README's training commands; the brief's copies where it has none."""
+def readme_commands(path=os.path.join(ROOT, "README.md")):
+    """{script: argv} of the training commands in the README (none when it has none)."""
     found = {}
-    path = os.path.join(ROOT, "README.md")
-    if os.path.exists(path):
-        for line in open(path).read().replace("\\\n", " ").splitlines():
-            if re.search(r"(edm|cm)_train\.py --", line):
-                argv = command_argv(line)
-                found.setdefault(argv[0], argv)
-    for name, line in BRIEF_COMMANDS.items():
-        found.setdefault(name, command_argv(line))
+    for line in open(path).read().replace("\\\n", " ").splitlines():
+        if re.match(r"\s*(mpiexec|torchrun|python)\b.*(edm|cm)_train\.py --", line):
+            argv = command_argv(line)
+            found.setdefault(argv[0], argv)
     return found
+
+
+def check_readme_commands(path=os.path.join(ROOT, "README.md")):
+    """The README holds both training commands, and they are the original's up to paths."""
+    found = readme_commands(path)
+    placeholders = {flag[2:]: "PATH" for flag in PATH_FLAGS}
+    for name, line in BRIEF_COMMANDS.items():
+        assert name in found, f"{path} lost its {name} command"
+        assert with_paths(found[name], **placeholders) == with_paths(command_argv(line), **placeholders)
 
 
 def with_paths(argv, **paths):
@@ -215,11 +220,15 @@ def test_readme_distillation_command_starts_from_the_edm_checkpoint(edm_run, dig
     assert 0 < max(diffs) < 1e-3
 
 
-def test_readme_commands_are_the_originals_up_to_paths():
-    assert os.path.exists(os.path.join(ROOT, "README.md"))
-    placeholders = {flag[2:]: "PATH" for flag in PATH_FLAGS}
-    for name, line in BRIEF_COMMANDS.items():
-        assert with_paths(readme_commands()[name], **placeholders) == with_paths(command_argv(line), **placeholders)
+def test_readme_commands_are_the_originals_up_to_paths(tmp_path):
+    check_readme_commands()
+    # the check fails when the README loses a command
+    text = open(os.path.join(ROOT, "README.md")).read()
+    for name in BRIEF_COMMANDS:
+        stripped = tmp_path / f"README_without_{name}.md"
+        stripped.write_text("\n".join(line for line in text.splitlines() if name not in line))
+        with pytest.raises(AssertionError, match=f"lost its {name} command"):
+            check_readme_commands(str(stripped))
 
 
 # ----------------------------------------------------------------------------
