@@ -66,6 +66,7 @@ from .checkpoint import (
     save_atomic,
     strip_wrapper_prefix,
 )
+from .cli import UsageError
 from .fp16_util import (
     MixedPrecisionTrainer,
     master_params_to_model_params,
@@ -116,7 +117,8 @@ def per_rank_batch_size(global_batch_size, batch_size, world_size):
         raise ValueError(f"--batch_size must be positive or -1, got {batch_size}")
     per_rank = global_batch_size // world_size
     if per_rank < 1:
-        raise ValueError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
+        # every rank has it: a UsageError, printed once
+        raise UsageError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
     note = None
     if global_batch_size % world_size:
         note = (

@@ -77,6 +77,9 @@ def runs(tmp_path_factory):
                            *NET_FLAGS, "--training_mode", "consistency_training", "--loss_norm", "l2",
                            "--global_batch_size", "2", "--data_dir", str(bad),
                            "--logging_dir", str(tmp / "one_rank_fails" / "logs")],
+        "batch_below_world": [MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "scripts", "edm_train.py"),
+                              *NET_FLAGS, "--global_batch_size", "1", "--data_dir", str(data),
+                              "--logging_dir", str(tmp / "batch_below_world" / "logs")],
     }  # fmt: skip
     procs = {
         name: subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -127,11 +130,17 @@ def test_loss_second_moment_sampler_stays_in_step_across_two_processes(runs):
     torch.testing.assert_close(w0.sum(), torch.tensor(1.0, dtype=w0.dtype))
 
 
-def test_an_error_on_one_rank_ends_every_rank_with_one_line(runs):
-    code, out, err, out_dir = runs["one_rank_fails"]
+@pytest.mark.parametrize(
+    "job, line",
+    [
+        ("one_rank_fails", "cm_train.py: error: process 1: cannot read image "),
+        ("batch_below_world", "edm_train.py: error: --global_batch_size 1 is smaller than the 2 processes"),
+    ],
+)
+def test_an_error_ends_every_rank_with_one_line(runs, job, line):
+    code, out, err, out_dir = runs[job]
     assert code != 0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("cm_train.py: error: process 1:") and "b.png" in lines[0]
+    lines = [text for text in err.splitlines() if text.strip()]
+    assert len(lines) == 1 and lines[0].startswith(line), err
     assert "Traceback" not in err + out
     assert not (out_dir / "logs").exists()
