@@ -5,14 +5,22 @@ CPU with a tiny float16 UNet."""
 
 import importlib.util
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from PIL import Image
 
 import test_train_util as base
-from cm import fp16_util, logger, script_util
+from cm import demo, fp16_util, logger, script_util
+from cm.opt_layout import is_original_fp16_layout, main, to_original, to_per_parameter
 from cm.schedules import create_ema_and_scales_fn
-from test_train_util import BATCH, assert_same, cm_loop, edm_loop, params, read_csv
+from launchers import find_mpiexec
+from test_train_util import assert_same, cm_loop, edm_loop, params, read_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,8 +121,6 @@ def test_random_flip_flag_reaches_the_data(monkeypatch, tmp_path, name, flag, ex
 
 
 def test_demo_trains_without_flips(tmp_path):
-    from cm import demo
-
     cfg = demo.quick_config()
     assert "--random_flip=False" in demo.edm_train_argv(cfg, tmp_path, tmp_path)
     assert "--random_flip=False" in demo.cm_train_argv(cfg, tmp_path, tmp_path, tmp_path / "t.pt")
@@ -155,7 +161,11 @@ def overflow(loop):
 
 
 def test_fp16_loops_step_float16_models_through_float32_masters(fp16, tmp_path):
-    for make in (lambda d: edm_loop(d, use_fp16=True), lambda d: cm_loop(d, training_mode="consistency_distillation", use_fp16=True)):
+    makers = (
+        lambda d: edm_loop(d, use_fp16=True),
+        lambda d: cm_loop(d, training_mode="consistency_distillation", use_fp16=True),
+    )
+    for make in makers:
         loop = make(tmp_path / "a")
         assert loop.use_fp16 and loop.mp_trainer.loss_scaling
         assert loop.model.input_blocks[1][0].in_layers[2].weight.dtype == torch.float16
@@ -259,8 +269,6 @@ def test_optimizer_files_convert_between_the_original_fp16_layout_and_ours(tmp_p
             p.grad = gr
         opt_ours.step()
         opt_flat.step()
-    from cm.opt_layout import is_original_fp16_layout, main, to_original, to_per_parameter
-
     assert is_original_fp16_layout(opt_flat.state_dict(), shapes)
     assert not is_original_fp16_layout(opt_ours.state_dict(), shapes)
     assert_same_opt_state(to_per_parameter(opt_flat.state_dict(), shapes), opt_ours.state_dict())
@@ -273,8 +281,6 @@ def test_optimizer_files_convert_between_the_original_fp16_layout_and_ours(tmp_p
 
 
 def test_training_resumes_from_an_original_fp16_optimizer_file(tmp_path):
-    from cm.opt_layout import to_original
-
     first = edm_loop(tmp_path, total_training_steps=2)
     first.run_loop()
     shapes = [tuple(p.shape) for p in first.model.parameters()]
@@ -287,8 +293,6 @@ def test_training_resumes_from_an_original_fp16_optimizer_file(tmp_path):
 
 
 def test_mpiexec_is_found_next_to_the_running_python(tmp_path):
-    from launchers import find_mpiexec
-
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "mpiexec").write_text("#!/bin/sh\n")
@@ -297,3 +301,38 @@ def test_mpiexec_is_found_next_to_the_running_python(tmp_path):
     empty.mkdir()
     assert find_mpiexec(path=str(empty), executable=str(bin_dir / "python")) == str(bin_dir / "mpiexec")
     assert find_mpiexec(path=str(empty), executable=str(empty / "python")) is None
+
+
+# --- SIGTERM in cm_train.py --------------------------------------------------------------------
+
+
+def test_sigterm_stops_cm_train_after_a_step_and_saves_it(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "cm_train.py"), "--image_size", "8", "--channel_mult", "1,2",
+           "--attention_resolutions", "4", "--num_channels", "32", "--num_res_blocks", "1",
+           "--training_mode", "consistency_training", "--loss_norm", "l2", "--start_scales", "10",
+           "--end_scales", "10", "--global_batch_size", "2", "--total_training_steps", "100000",
+           "--save_interval", "100000", "--log_interval", "1", "--ema_rate", "0.9",
+           "--data_dir", str(data), "--logging_dir", str(logs)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_LOGDIR", "RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    csv = logs / "progress.csv"
+    deadline = time.time() + 240
+    while not (csv.exists() and len(csv.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped = int(re.search(r"SIGTERM received: stopping after step (\d+)", out).group(1))
+    assert stopped >= 2
+    names = sorted(f for f in os.listdir(logs) if f.endswith(".pt"))
+    assert names == [f"ema_0.9_{stopped:06d}.pt", f"model{stopped:06d}.pt", f"opt{stopped:06d}.pt",
+                     f"target_model{stopped:06d}.pt"]  # fmt: skip
