@@ -206,7 +206,7 @@ def test_original_begin_end_ref_batch_flags(monkeypatch, tmp_path):
         calls.append((ref, (*begin, t, *end)))
         return (t - 6) ** 2 + 1.0
 
-    monkeypatch.setattr(script, "load_model_and_diffusion", lambda args, device: (None, None, ""))
+    monkeypatch.setattr(script, "load_model_and_diffusion", lambda args, device, **kw: (None, None, ""))
     monkeypatch.setattr(script, "load_fid_reference", lambda path, ref, *a: (None, ref))
     monkeypatch.setattr(script, "multistep_fid", fake_fid)
     script.main(["--model_path", "m.pt", "--begin", "0,2", "--end", "11,17", "--ref_batch", "ref.npz", "--steps", "18",
