@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cm import logger
 from cm.evaluation import save_stats
 from cm.inception import FIDInceptionV3
 from cm.script_util import create_model
@@ -209,8 +210,11 @@ def test_original_begin_end_ref_batch_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(script, "load_model_and_diffusion", lambda args, device, **kw: (None, None, ""))
     monkeypatch.setattr(script, "load_fid_reference", lambda path, ref, *a: (None, ref))
     monkeypatch.setattr(script, "multistep_fid", fake_fid)
-    script.main(["--model_path", "m.pt", "--begin", "0,2", "--end", "11,17", "--ref_batch", "ref.npz", "--steps", "18",
-                 "--num_samples", "4", "--logging_dir", str(tmp_path)])  # fmt: skip
+    try:
+        script.main(["--model_path", "m.pt", "--begin", "0,2", "--end", "11,17", "--ref_batch", "ref.npz",
+                     "--steps", "18", "--num_samples", "4", "--logging_dir", str(tmp_path)])  # fmt: skip
+    finally:
+        logger.reset()  # main() configured the process-wide logger on pytest's captured stdout
     ts = [c[1] for c in calls]
     assert all(t[:2] == (0, 2) and t[3:] == (11, 17) and 2 <= t[2] <= 11 for t in ts)
     assert {c[0] for c in calls} == {"ref.npz"}

@@ -20,17 +20,9 @@ from cm import demo, fp16_util, logger, script_util
 from cm.opt_layout import is_original_fp16_layout, main, to_original, to_per_parameter
 from cm.schedules import create_ema_and_scales_fn
 from launchers import find_mpiexec
-from test_train_util import assert_same, cm_loop, edm_loop, params, read_csv
+from test_train_util import assert_same, cm_loop, edm_loop, one_thread, params, read_csv  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def load_script(name):
