@@ -136,6 +136,7 @@ def test_loss_second_moment_sampler_stays_in_step_across_two_processes(runs):
         ("one_rank_fails", "cm_train.py: error: process 1: cannot read image "),
         ("batch_below_world", "edm_train.py: error: --global_batch_size 1 is smaller than the 2 processes"),
     ],
+    ids=["one_rank_fails", "batch_below_world"],
 )
 def test_an_error_ends_every_rank_with_one_line(runs, job, line):
     code, out, err, out_dir = runs[job]
