@@ -95,7 +95,7 @@ def to_original(state, shapes):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
-        raise SystemExit("usage: python -m cm.opt_layout OPT_IN MODEL_FILE OPT_OUT")
+        raise ValueError("usage: python -m cm.opt_layout OPT_IN MODEL_FILE OPT_OUT (three paths)")
     opt_in, model_file, opt_out = argv
     state = torch.load(opt_in, map_location="cpu", weights_only=True)
     model = torch.load(model_file, map_location="cpu", weights_only=True)
@@ -107,4 +107,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_cli
+
+    sys.exit(run_cli(main))
