@@ -7,7 +7,7 @@ and delegates the math to `cm.precond`, `cm.losses`, `cm.schedules` and
 
 import torch
 
-from . import losses
+from . import losses, recipes
 from .losses import check_loss_norm
 from .nn import append_dims, append_zero, mean_flat  # noqa: F401  (re-exported)
 from .precond import (
@@ -203,6 +203,43 @@ class KarrasDenoiser:
             self.weightings(t),
         )
         return {"loss": loss, "sigmas": t}
+
+    def ict_losses(self, model, x_start, num_scales, model_kwargs=None, target_model=None, huber_c=None, noise=None):
+        """iCT loss terms: adjacent levels of the N-point grid drawn from the discretised log-normal.
+
+        No teacher and no EMA target: θ⁻ = stopgrad θ (``target_model`` is the
+        same network, unwrapped). Weight 1/(σ_{i+1} − σ_i), pseudo-Huber distance
+        with c = 0.00054·√d unless ``huber_c`` is given.
+        """
+        model_kwargs = model_kwargs or {}
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if huber_c is None:
+            huber_c = recipes.pseudo_huber_c(x_start[0].numel())
+        lo, hi, weights = recipes.ict_draw(
+            num_scales, x_start.shape[0], self.sigma_min, self.sigma_max, self.rho, device=x_start.device
+        )
+        loss = losses.consistency_loss(
+            self._denoiser(model, model_kwargs),
+            self._denoiser(target_model if target_model is not None else model, model_kwargs),
+            x_start,
+            hi,
+            lo,
+            noise,
+            lambda a, b: losses.pseudo_huber(a, b, huber_c),
+            weights,
+        )
+        return {"loss": loss, "sigmas": hi, "r": lo}
+
+    def ect_losses(self, model, x_start, stage, model_kwargs=None, q=2.0, huber_c=0.0, noise=None):
+        """ECT loss terms: t ~ log-normal, r = r(t, stage), one ε, the online weights for both calls."""
+        model_kwargs = model_kwargs or {}
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        t = recipes.ect_draw_t(x_start.shape[0], device=x_start.device)
+        r = recipes.ect_r(t, stage, q=q)
+        loss = losses.ect_loss(self._denoiser(model, model_kwargs), x_start, t, r, noise, huber_c)
+        return {"loss": loss, "sigmas": t, "r": r}
 
     def _grid(self, u):
         return karras_sigma(u, self.sigma_min, self.sigma_max, self.rho)
