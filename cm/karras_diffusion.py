@@ -231,14 +231,17 @@ class KarrasDenoiser:
         )
         return {"loss": loss, "sigmas": hi, "r": lo}
 
-    def ect_losses(self, model, x_start, stage, model_kwargs=None, q=2.0, huber_c=0.0, noise=None):
+    def ect_losses(
+        self, model, x_start, stage, model_kwargs=None, target_model=None, q=2.0, huber_c=0.0, noise=None
+    ):
         """ECT loss terms: t ~ log-normal, r = r(t, stage), one ε, the online weights for both calls."""
         model_kwargs = model_kwargs or {}
         if noise is None:
             noise = torch.randn_like(x_start)
         t = recipes.ect_draw_t(x_start.shape[0], device=x_start.device)
         r = recipes.ect_r(t, stage, q=q)
-        loss = losses.ect_loss(self._denoiser(model, model_kwargs), x_start, t, r, noise, huber_c)
+        target = self._denoiser(target_model, model_kwargs) if target_model is not None else None
+        loss = losses.ect_loss(self._denoiser(model, model_kwargs), x_start, t, r, noise, huber_c, target)
         return {"loss": loss, "sigmas": t, "r": r}
 
     def _grid(self, u):

@@ -13,6 +13,7 @@ import torch
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigma
 
 P_MEAN, P_STD = -1.1, 2.0  # log-normal of both recipes
+RECIPE_MODES = ("ect", "ict")  # training modes of cm_train.py that use these schedules
 
 
 # ----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from .script_util import (
 # torch keeps only the low 32 bits of a CPU seed, so the offset works mod 2**32.
 LABEL_SEED_OFFSET = 0x9E3779B9
 
-CONSISTENCY_MODES = ("consistency_distillation", "consistency_training")
+CONSISTENCY_MODES = ("consistency_distillation", "consistency_training", "ict")  # ect keeps EDM scalings
 
 SAMPLE_HELP = {
     "batch_size": "samples per process per batch (noise and labels of sample k do not depend on it)",
@@ -66,8 +66,8 @@ SAMPLE_HELP = {
     "empty: labels drawn from a seeded label generator (class_cond only)",
     "generator": "noise generator: determ (one seeded stream, reproducible for any batch/world size), "
     "determ-indiv (one seeded stream per sample), dummy (unseeded global RNG)",
-    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training use the "
-    "consistency-model scalings, edm/progdist the EDM ones",
+    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training/ict use the "
+    "consistency-model scalings, edm/progdist/ect the EDM ones",
 }
 
 

@@ -23,7 +23,7 @@ CHANNEL_MULTS = {
     32: (1, 2, 2, 1),
 }
 
-TRAINING_MODES = ("edm", "consistency_distillation", "consistency_training", "progdist")
+TRAINING_MODES = ("edm", "consistency_distillation", "consistency_training", "progdist", "ect", "ict")
 
 
 def model_and_diffusion_defaults():
