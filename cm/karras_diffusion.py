@@ -26,6 +26,7 @@ from .samplers import (  # noqa: F401  (re-exported)
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_multistep_sigmas,
     sample_onestep,
     sample_progdist,
     stochastic_iterative_sampler,
@@ -268,12 +269,21 @@ def karras_sample(
     s_noise=1.0,
     generator=None,
     ts=None,
+    sigmas=None,
 ):
-    """Draw samples of `shape` from `model` with the named sampler; returns x in [−1, 1]."""
+    """Draw samples of `shape` from `model` with the named sampler; returns x in [−1, 1].
+
+    ``sampler="multistep"`` takes either ``ts`` (indices into the ``steps``-point
+    schedule) or ``sigmas`` (the descending noise levels to denoise at, e.g.
+    (80, 0.821); x_T then has noise level sigmas[0]).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if sampler == "multistep" and not ts:
-        raise ValueError("sampler 'multistep' needs ts, a list of indices into the steps-point schedule")
+    has_sigmas = sigmas is not None and len(sigmas) > 0
+    if sampler == "multistep" and not ts and not has_sigmas:
+        raise ValueError("sampler 'multistep' needs ts (indices into the steps-point schedule) or sigmas")
+    if has_sigmas and sampler != "multistep":
+        raise ValueError(f"sigmas is only used by the multistep sampler, not {sampler!r}")
     model_kwargs = model_kwargs or {}
     if generator is None:
         generator = get_generator("dummy")
@@ -281,8 +291,8 @@ def karras_sample(
 
     # progdist integrates over steps+1 levels without the trailing 0
     n_sigmas = steps + 1 if sampler == "progdist" else steps
-    sigmas = get_sigmas_karras(n_sigmas, sigma_min, sigma_max, rho, device=device)
-    x_T = generator.randn(*shape, device=device) * sigma_max
+    grid = get_sigmas_karras(n_sigmas, sigma_min, sigma_max, rho, device=device)
+    x_T = generator.randn(*shape, device=device) * (float(sigmas[0]) if has_sigmas else sigma_max)
 
     if sampler in ("heun", "dpm"):
         sampler_args = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
@@ -295,5 +305,10 @@ def karras_sample(
         _, denoised = diffusion.denoise(model, x_t, sigma, **model_kwargs)
         return denoised.clamp(-1, 1) if clip_denoised else denoised
 
-    x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **sampler_args)
+    if has_sigmas:
+        x_0 = sample_multistep_sigmas(
+            denoiser, x_T, [float(s) for s in sigmas], generator, progress=progress, callback=callback, t_min=sigma_min
+        )
+        return x_0.clamp(-1, 1)
+    x_0 = SAMPLERS[sampler](denoiser, x_T, grid, generator, progress=progress, callback=callback, **sampler_args)
     return x_0.clamp(-1, 1)
