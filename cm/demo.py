@@ -468,7 +468,9 @@ def run_budgeted(jobs, budget_s, poll_s=0.2):
     """Run training commands at once, one thread each; SIGTERM each after ``budget_s`` (None: no limit).
 
     ``jobs`` is [(name, script, argv, log path)]. A SIGTERMed run finishes its
-    step and saves (see cm.train_util). Returns {name: wall seconds}.
+    step and saves (see cm.train_util); the signal waits for the run's first
+    logged step row, so even a budget shorter than start-up gets a checkpoint.
+    Returns {name: wall seconds}.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {}
@@ -494,10 +496,16 @@ def run_budgeted(jobs, budget_s, poll_s=0.2):
                             other.kill()
                     raise DemoError(f"{script} ({name}) failed with exit status {proc.returncode}; "
                                     f"end of {log_path}:\n{_tail(log_path)}")
-            elif budget_s is not None and elapsed >= budget_s and name not in stopped:
+            elif budget_s is not None and elapsed >= budget_s and name not in stopped and _loop_started(log_path):
                 proc.send_signal(signal.SIGTERM)
                 stopped.add(name)
     return seconds
+
+
+def _loop_started(log_path):
+    """True once a training run has logged a step row (its loop, and SIGTERM handling, is running)."""
+    with open(log_path, errors="replace") as f:
+        return any(STEP_ROW.match(line) for line in f)
 
 
 def latest_ema(log_dir, rate):

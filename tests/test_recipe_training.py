@@ -11,19 +11,12 @@ import torch
 from cm import logger
 from cm.recipes import ect_ema_and_scales_fn, ict_ema_and_scales_fn
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from cm.train_util import CMTrainLoop
+
+from test_train_util import cm_loop, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4
 SMALL = dict(image_size=8, channel_mult="1,2", num_channels=32, num_res_blocks=1, attention_resolutions="4")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(mode, dropout=0.2):
@@ -48,32 +41,12 @@ class StepData:
 
 
 def recipe_loop(tmp_path, mode, **kw):
+    """test_train_util's consistency loop, with no teacher and no target model, on `StepData`."""
     model, diffusion = build(mode)
     # iCT: K = 16 gives K' = 2, so N goes 11 -> 21 at step 2; ECT: a new stage every 2 steps
     fn = ict_ema_and_scales_fn(16) if mode == "ict" else ect_ema_and_scales_fn(2)
-    args = dict(
-        model=model,
-        diffusion=diffusion,
-        target_model=None,
-        teacher_model=None,
-        teacher_diffusion=None,
-        training_mode=mode,
-        ema_scale_fn=fn,
-        total_training_steps=4,
-        data=StepData(),
-        batch_size=BATCH,
-        microbatch=-1,
-        lr=1e-3,
-        ema_rate="0.9,0.99",
-        log_interval=1,
-        save_interval=2,
-        resume_checkpoint="",
-        logging_dir=str(tmp_path),
-        seed=0,
-        huber_c=0.01 if mode == "ict" else 0.0,
-    )
-    args.update(kw)
-    return CMTrainLoop(**args)
+    kw = dict(model=model, diffusion=diffusion, target_model=None, data=StepData(), **kw)
+    return cm_loop(tmp_path, mode, teacher=False, ema_scale_fn=fn, huber_c=0.01 if mode == "ict" else 0.0, **kw)
 
 
 def files(d, step):
