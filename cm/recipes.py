@@ -77,10 +77,17 @@ def ect_stage(step, double):
     return int(step // double)
 
 
+ECT_MIN_SHRINK = 1e-6  # (t − r)/t never below this: float32 would round r to t and t − r to 0
+
+
 def ect_r(t, stage, q=2.0, k=8.0, b=1.0):
-    """r = max(0, t·(1 − (1 + k·σ(−b·t))/q^(stage+1))) (ECT, 'sigmoid' mapping); t a tensor."""
-    shrink = (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)
-    return torch.clamp(t * (1 - shrink), min=0.0)
+    """r = max(0, t·(1 − (1 + k·σ(−b·t))/q^(stage+1))) (ECT, 'sigmoid' mapping); t a tensor.
+
+    (t − r)/t is kept at least `ECT_MIN_SHRINK`, which only late stages of a
+    large q (e.g. the 1-hour preset's 256 from stage 2 on) ever reach.
+    """
+    shrink = (1 + k * torch.sigmoid(-b * t)) * q ** -(stage + 1)
+    return torch.clamp(t * (1 - shrink.clamp(min=ECT_MIN_SHRINK)), min=0.0)
 
 
 def ect_draw_t(n, p_mean=P_MEAN, p_std=P_STD, device="cpu", generator=None):

@@ -56,6 +56,11 @@ def test_ect_r_of_t_and_stage_matches_the_golden_table():
         r = recipes.ect_r(torch.tensor(float(t), dtype=torch.float64), int(stage))
         assert float(r) == pytest.approx(expected, rel=1e-12, abs=1e-15), key
     assert [recipes.ect_stage(s, 25000) for s in (0, 24999, 25000, 80000)] == [0, 0, 1, 3]
+    # late stages of a large q keep t − r representable in float32 (no 0/0 in the loss)
+    t = torch.tensor([0.01, 1.0, 80.0])
+    for stage in (3, 2000):
+        r = recipes.ect_r(t, stage, q=256.0)
+        assert (r < t).all() and ((t - r) / t >= 0.9 * recipes.ECT_MIN_SHRINK).all()
 
 
 # ----------------------------------------------------------------------------
