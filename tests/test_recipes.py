@@ -144,6 +144,11 @@ def test_ect_loss_formula_with_huber_constant():
     loss = losses.ect_loss(lambda y, s: y, x, t, r, noise, c=0.3)
     expected = (torch.sqrt((2 * (t - r)) ** 2 + 0.09) - 0.3) / (t - r)
     torch.testing.assert_close(loss, expected)
+    # c = 0 and Δ = 0: zero loss with a finite (zero) gradient
+    y = torch.ones(1, 1, 2, 2, requires_grad=True)
+    value = losses.pseudo_huber(y, y.detach(), 0.0)
+    value.sum().backward()
+    assert value.item() < 1e-9 and torch.isfinite(y.grad).all()
 
 
 # ----------------------------------------------------------------------------
