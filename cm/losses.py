@@ -124,8 +124,8 @@ def progdist_loss(student, teacher, x_start, t, t_mid, t_next, noise, dist, weig
 def pseudo_huber(x, y, c):
     """√(‖x − y‖² + c²) − c per sample, ‖·‖ over all values (iCT §3.3; c = 0: the L2 norm)."""
     sq = ((x - y) ** 2).flatten(1).sum(dim=1)
-    # 1e-20 keeps the gradient finite at Δ = 0 when c = 0 (d√s/ds is infinite at 0)
-    return torch.sqrt(sq + c**2 + 1e-20) - c
+    # 1e-30 keeps the gradient finite at Δ = 0 when c = 0 (d√s/ds is infinite at 0)
+    return torch.sqrt(sq + c**2 + 1e-30) - c
 
 
 def ect_loss(denoise, x_start, t, r, noise, c=0.0, target=None):
