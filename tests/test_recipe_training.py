@@ -152,3 +152,37 @@ def test_bad_recipe_input_is_one_line_and_writes_nothing(data_dir, edm_pt, tmp_p
         assert proc.returncode == 1 and len(lines) == 1, (case, err[-2000:])
         assert lines[0].startswith("cm_train.py: error:") and BAD[case][1] in lines[0], (case, lines)
         assert not (tmp_path / case).exists()
+
+
+def cm_train_parser():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cm_train_script", os.path.join(ROOT, "scripts", "cm_train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.create_argparser()
+
+
+def test_presets_fill_only_flags_not_given_and_leave_other_modes_alone():
+    from cm.recipe_flags import apply_recipe_preset, explicit_flags
+    from cm.recipes import pseudo_huber_c
+
+    parser = cm_train_parser()
+
+    def resolved(argv):
+        args = parser.parse_args(argv)
+        apply_recipe_preset(args, explicit_flags(parser, argv))
+        return args
+
+    ect = resolved(["--training_mode", "ect", "--lr=3e-5", "--global_batch", "64"])  # --k=v and an abbreviation
+    assert (ect.lr, ect.global_batch_size, ect.dropout, ect.ema_rate) == (3e-5, 64, 0.2, "0.9999")
+    assert (ect.total_training_steps, ect.ect_double, ect.huber_c) == (100000, 25000, 0.0)
+    ict = resolved(["--training_mode", "ict", "--image_size", "32"])
+    assert (ict.dropout, ict.ema_rate, ict.global_batch_size, ict.start_scales, ict.end_scales) == (
+        0.3, "0.99993", 1024, 10, 1280
+    )
+    assert ict.huber_c == pytest.approx(pseudo_huber_c(3 * 32 * 32))
+    assert resolved(["--training_mode", "ict", "--huber_c", "0.5"]).huber_c == 0.5
+    for mode in ("consistency_distillation", "consistency_training", "progdist"):
+        args, plain = resolved(["--training_mode", mode]), parser.parse_args(["--training_mode", mode])
+        assert vars(args) == vars(plain)
