@@ -1,6 +1,6 @@
 """The whole method on scikit-learn's 8x8 digits, on a CPU: EDM teacher, CD, ECT, iCT, samples, table.
 
-  python scripts/demo.py --out demo_out          # the full run (about ten minutes on 2 cores)
+  python scripts/demo.py --out demo_out          # the full run (under fifteen minutes on 2 cores)
   python scripts/demo.py --out /tmp/q --quick    # a one-minute smoke run (CI)
 
 Every flag below overrides the preset; see cm/demo.py for what each stage does.
