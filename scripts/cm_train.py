@@ -4,8 +4,8 @@ Distillation starts from an EDM checkpoint (--teacher_model_path); consistency
 training needs no teacher. The later recipes: --training_mode ect tunes a
 pretrained model (--init_from) into a consistency model, --training_mode ict
 trains one from scratch; each applies its paper's CIFAR-10 settings to the
-flags you do not give (cm/recipe_flags.py). Launch plainly, with `mpiexec -n K`, or with
-`torchrun --nproc_per_node K`. Checkpoints, log.txt, progress.csv and
+flags you do not give (cm/recipe_flags.py). Launch plainly, with
+`mpiexec -n K`, or with `torchrun --nproc_per_node K`. Checkpoints, log.txt, progress.csv and
 args.json go to --logging_dir.
 """
 
@@ -22,15 +22,6 @@ import torch
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
 from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
-from cm.script_util import (
-    add_dict_to_argparser,
-    cm_train_defaults,
-    create_ema_and_scales_fn,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    model_and_diffusion_kwargs,
-    train_defaults,
-)
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,
     RECIPE_MODES,
@@ -41,6 +32,15 @@ from cm.recipe_flags import (
     recipe_flag_defaults,
 )
 from cm.recipes import recipe_ema_and_scales_fn
+from cm.script_util import (
+    add_dict_to_argparser,
+    cm_train_defaults,
+    create_ema_and_scales_fn,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    model_and_diffusion_kwargs,
+    train_defaults,
+)
 from cm.train_util import (
     CM_TRAINING_MODES,
     CMTrainLoop,
@@ -130,7 +130,6 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             seed=args.seed,
-            random_flip=args.training_mode not in RECIPE_MODES,  # the recipes train without augmentation
         )
     )
     loop = CMTrainLoop(
