@@ -34,7 +34,8 @@ runs given different totals.
 Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
 grad_norm, param_norm, lr, lg_loss_scale (fp16), step (index of the step just
 taken) and samples = (step+1)·global batch; the consistency loop adds
-num_scales and target_ema. Noise bins are FIXED quarters of the Karras
+num_scales (ECT: stage) and target_ema, and for iCT/ECT t_mean, r_over_t
+(mean r/t of the pair of noise levels) and r_zero (share of r = 0). Noise bins are FIXED quarters of the Karras
 ρ-ramp between σ_min and σ_max (the original's ``4·t/T`` quartile applied to
 the position on the ρ-schedule): q0 is σ < 0.169, q1 up to 2.51, q2 up to
 17.5, q3 above (for σ_min 0.002, σ_max 80, ρ 7). Fixed bins, unlike quartiles
