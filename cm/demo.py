@@ -105,7 +105,7 @@ class DemoConfig:
     recipe_budget_s: float = 0.0  # 0: the CD stage's wall time; < 0: no time limit (run the steps)
     ect_steps: int = 100000  # an upper bound: the time budget stops it first
     ect_lr: float = 2e-4
-    ect_double: int = 150
+    ect_double: int = 400  # ~4 halvings in the ~1600 steps the budget allows (ECT: 4 over 100k steps)
     ict_steps: int = 2000  # K of iCT's N(k) doubling schedule; the time budget may stop it first
     ict_lr: float = 1e-3
     recipe_batch_size: int = 32
