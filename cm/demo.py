@@ -18,8 +18,9 @@ stage's wall time once):
    finishes its step and saves): ECT tunes the teacher's EMA weights into a
    consistency model (``OUT/ect``), iCT trains one from scratch (``OUT/ict``);
 5. ``scripts/image_sample.py`` draws EDM-Heun, one-step CM and two-step CM
-   samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main`` is called in this process so that the wall time
-   covers sampling and not Python/torch start-up); ``OUT/samples/<name>``;
+   samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main``
+   is called in this process so that the wall time covers sampling and not
+   Python/torch start-up); ``OUT/samples/<name>``;
 6. the samples are judged: classifier accuracy against the requested labels
    and the Fréchet distance between real held-out and generated digits in
    the classifier's penultimate feature space (``cm.evaluation``).
@@ -105,7 +106,7 @@ class DemoConfig:
     recipe_budget_s: float = 0.0  # 0: the CD stage's wall time; < 0: no time limit (run the steps)
     ect_steps: int = 100000  # an upper bound: the time budget stops it first
     ect_lr: float = 2e-4
-    ect_double: int = 400  # ~4 halvings in the ~1600 steps the budget allows (ECT: 4 over 100k steps)
+    ect_double: int = 400  # ~4 halvings in the ~1600 steps the budget allows (ECT: 4 in 100k)
     ict_steps: int = 2000  # K of iCT's N(k) doubling schedule; the time budget may stop it first
     ict_lr: float = 1e-3
     recipe_batch_size: int = 32
