@@ -18,8 +18,8 @@ def recipe_flag_defaults():
 
 
 RECIPE_FLAG_HELP = {
-    "init_from": "initial weights for ect/ict: our .pt (a model file of any run whose network flags you repeat) "
-    "or 'none' for random weights; ect requires it",
+    "init_from": "initial weights for ect/ict: our .pt (a model file of any run whose network flags you repeat), "
+    "an EDM/ECT .pkl (sets the network flags), or 'none' for random weights; ect requires it",
     "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
@@ -84,23 +84,19 @@ def check_recipe_args(args):
         raise UsageError(f"--huber_c must be non-negative, got {args.huber_c}")
 
 
-def load_init_weights(model, path):
+def load_init_weights(model, path, network=None):
     """Load ``--init_from`` into ``model``; '' or 'none' keeps its (random) weights.
 
     ``.pt``: a state_dict (a model/EMA file of any of our runs); the network
     flags must describe the same network, else a one-line CheckpointError.
-    ``.pkl`` (an EDM network pickle): needs ``cm.edm_pickle.load_edm_pickle``
-    (path) -> (model, flags), written separately; this is the one place it plugs in.
+    A self-describing file (an EDM/ECT ``.pkl``, a JAX checkpoint; see
+    `cm.model_files`) comes as ``network`` = (model, flags) from
+    ``adopt_network_flags``, which has already set the network flags from it.
     """
     if path in ("", "none"):
         return
-    if path.endswith(".pkl"):
-        try:
-            from .edm_pickle import load_edm_pickle
-        except ImportError:
-            raise UsageError(f"--init_from {path}: EDM .pkl files need cm/edm_pickle.py, not in this build") from None
-        source, _flags = load_edm_pickle(path)
-        state = source.state_dict()
+    if network is not None:
+        state = network[0].state_dict()
     else:
         try:
             state = read_checkpoint(path)

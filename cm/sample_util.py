@@ -57,7 +57,7 @@ from .script_util import (
 # torch keeps only the low 32 bits of a CPU seed, so the offset works mod 2**32.
 LABEL_SEED_OFFSET = 0x9E3779B9
 
-CONSISTENCY_MODES = ("consistency_distillation", "consistency_training", "ict")  # ect keeps EDM scalings
+CONSISTENCY_MODES = ("consistency_distillation", "consistency_training", "ect", "ict")
 
 SAMPLE_HELP = {
     "batch_size": "samples per process per batch (noise and labels of sample k do not depend on it)",
@@ -68,8 +68,8 @@ SAMPLE_HELP = {
     "determ-indiv (one seeded stream per sample), dummy (unseeded global RNG)",
     "sigmas": "comma list of descending noise levels for --sampler multistep instead of --ts, e.g. 80,0.821 "
     "(ECT/iCT two-step); each in [sigma_min, sigma_max], one network call each",
-    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training/ict use the "
-    "consistency-model scalings, edm/progdist/ect the EDM ones",
+    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training/ect/ict use "
+    "the consistency-model scalings, edm/progdist the EDM ones",
 }
 
 
@@ -198,16 +198,19 @@ def read_checkpoint(path):
         raise UsageError(f"--model_path: {e}") from None
 
 
-def load_model_and_diffusion(args, device=None):
+def load_model_and_diffusion(args, device=None, state_dict=None):
     """Build the model/denoiser from the flags and load ``args.model_path``.
 
     Returns (model in eval mode on ``device``, diffusion, removed key prefix).
     ``--use_fp16 True`` converts the model only when CUDA is present (else warns once).
+    ``state_dict``: weights already read (a self-describing file), instead of reading the path.
     """
     model, diffusion = create_model_and_diffusion(
         **model_and_diffusion_kwargs(args, distillation=uses_distillation(args.training_mode))
     )
-    prefix = load_model_state(model, read_checkpoint(args.model_path), args.model_path)
+    if state_dict is None:
+        state_dict = read_checkpoint(args.model_path)
+    prefix = load_model_state(model, state_dict, args.model_path)
     model.to(device if device is not None else dist_util.dev())
     if resolve_use_fp16(args.use_fp16):
         model.convert_to_fp16()

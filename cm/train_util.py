@@ -32,7 +32,8 @@ total_training_steps (progressive N, adaptive μ) of course differ between
 runs given different totals.
 
 Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
-grad_norm, param_norm, lr, lg_loss_scale (fp16), step (index of the step just
+grad_norm, param_norm, lr, lg_loss_scale (fp16), bad_steps (non-fp16: steps
+skipped so far for a non-finite loss or gradient), step (index of the step just
 taken) and samples = (step+1)·global batch; the consistency loop adds
 num_scales (ECT: stage) and target_ema, and for iCT/ECT t_mean, r_over_t
 (mean r/t of the pair of noise levels) and r_zero (share of r = 0). Noise bins are FIXED quarters of the Karras
@@ -47,6 +48,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -55,18 +57,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim import RAdam
 from torch.utils.data import DataLoader
 
-from . import dist_util, image_datasets, logger
+from . import dist_util, faults, image_datasets, logger, run_metadata
 from .checkpoint import (
     CheckpointError,
     check_state_dict,
     checkpoint_filename,
-    find_latest_checkpoint,
     load_model_state,
     parse_resume_step,
     read_checkpoint,
-    save_atomic,
     strip_wrapper_prefix,
 )
+from .cli import on_all_ranks
 from .fp16_util import (
     MixedPrecisionTrainer,
     master_params_to_model_params,
@@ -185,12 +186,21 @@ def _broadcast_object(obj):
 # Data whose batch k depends only on (seed, rank, k)
 
 
+class _PartlyBad:
+    """A batch some of whose files failed to decode: the collated rest (or None) and the failures."""
+
+    def __init__(self, good, bad):
+        self.good = good
+        self.bad = bad
+
+
 def _collate(items):
-    """Default collation; a sample that failed to decode is passed on as it is."""
-    for item in items:
-        if not isinstance(item, tuple):
-            return item
-    return tuple(torch.utils.data.default_collate(items))
+    """Default collation; samples that failed to decode are set aside in a `_PartlyBad`."""
+    good = [item for item in items if isinstance(item, tuple)]
+    if len(good) == len(items):
+        return tuple(torch.utils.data.default_collate(items))
+    bad = [item for item in items if not isinstance(item, tuple)]
+    return _PartlyBad(tuple(torch.utils.data.default_collate(good)) if good else None, bad)
 
 
 class _StepBatchSampler:
@@ -216,9 +226,13 @@ class StepBatches:
     generator seeded by (seed, rank, k). ``seek(k)`` makes the next batch batch
     k, which is how a resumed run continues exactly where it stopped.
     ``dataset`` is an `image_datasets.ImageDataset` built without random flips.
+    Images are decoded when their batch is due: an unreadable one is a one-line
+    DataError naming it, or with ``skip_bad_images`` a warning, and the batch
+    goes on without it.
     """
 
-    def __init__(self, dataset, batch_size, seed=0, rank=None, random_flip=True, num_workers=1):
+    def __init__(self, dataset, batch_size, seed=0, rank=None, random_flip=True, num_workers=1,
+                 skip_bad_images=False):
         if len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images in this shard, fewer than the batch size {batch_size}")
         self.dataset = dataset
@@ -227,6 +241,7 @@ class StepBatches:
         self.rank = dist_util.get_rank() if rank is None else rank
         self.random_flip = random_flip
         self.num_workers = num_workers
+        self.skip_bad_images = skip_bad_images
         self.steps_per_epoch = len(dataset) // batch_size
         self._step = 0
         self._iter = None
@@ -249,6 +264,17 @@ class StepBatches:
     def __iter__(self):
         return self
 
+    def _without_bad_images(self, batch):
+        """The readable part of a batch, or a DataError naming the first unreadable file."""
+        first = batch.bad[0]
+        if not self.skip_bad_images:
+            raise image_datasets.DataError(f"cannot read image {first.path}: {first.reason}")
+        for item in batch.bad:
+            warnings.warn(f"--skip_bad_images: leaving out unreadable image {item.path} ({item.reason})", stacklevel=3)
+        if batch.good is None:
+            raise image_datasets.DataError(f"every image of batch {self._step} is unreadable, e.g. {first.path}")
+        return batch.good
+
     def __next__(self):
         if self._iter is None:
             loader = DataLoader(
@@ -259,8 +285,8 @@ class StepBatches:
             )
             self._iter = iter(loader)
         batch = next(self._iter)
-        if not isinstance(batch, tuple):
-            raise image_datasets.DataError(f"cannot read image {batch.path}: {batch.reason}")
+        if isinstance(batch, _PartlyBad):
+            batch = self._without_bad_images(batch)
         images, cond = batch
         if self.random_flip:
             g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, self._step, _SEED_FLIPS))
@@ -270,11 +296,15 @@ class StepBatches:
         return images, cond
 
 
-def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, seed=0, random_flip=True, num_workers=1):
+def load_training_data(
+    *, data_dir, batch_size, image_size, class_cond=False, seed=0, random_flip=True, num_workers=1,
+    skip_bad_images=False,
+):
     """This rank's training batches as `StepBatches`, after `image_datasets.load_data`'s checks.
 
     The folder is validated by ``load_data`` itself (same one-line DataErrors);
     its files, classes, sharding and preprocessing are reused as they are.
+    Images are not opened up front (50k files): each is decoded when first due.
     """
     image_datasets.load_data(
         data_dir=data_dir,
@@ -282,6 +312,7 @@ def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, se
         image_size=image_size,
         class_cond=class_cond,
         num_workers=0,
+        check_images=False,
     )
     files = image_datasets.list_image_files(data_dir)
     classes = image_datasets.class_ids(files) if class_cond else None
@@ -293,7 +324,10 @@ def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, se
         num_shards=dist_util.get_world_size(),
         random_flip=False,
     )
-    return StepBatches(dataset, batch_size, seed=seed, random_flip=random_flip, num_workers=num_workers)
+    return StepBatches(
+        dataset, batch_size, seed=seed, random_flip=random_flip, num_workers=num_workers,
+        skip_bad_images=skip_bad_images,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -366,6 +400,8 @@ class TrainLoop:
         total_training_steps=0,
         logging_dir=None,
         seed=None,
+        max_bad_steps=20,
+        run_flags=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -393,8 +429,14 @@ class TrainLoop:
         self.global_batch = batch_size * self.world_size
         self.step = 0
         self._saved_step = None
+        self.bad_steps = faults.BadStepGuard(max_bad_steps)
+        self._nan_steps = faults.injected_nan_steps()
+        self.run_flags = run_flags
 
         self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
+        self._last_checkpoint = self.resume_checkpoint
+        if self.rank == 0 and self.resume_checkpoint:
+            run_metadata.warn_changed_flags(self.resume_checkpoint, run_flags, self.world_size)
         self._load_model()
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
@@ -408,10 +450,12 @@ class TrainLoop:
 
     # --- construction -----------------------------------------------------
     def _resolve_resume(self, resume_checkpoint):
-        """The model file to resume from, or None; "auto" = latest complete one in logging_dir."""
+        """The model file to resume from, or None; "auto" = newest usable set in logging_dir."""
         if resume_checkpoint != "auto":
             return resume_checkpoint or None
-        path = find_latest_checkpoint(self.logging_dir) if self.rank == 0 else None
+        path = None
+        if self.rank == 0:
+            path = faults.newest_usable_checkpoint(self.logging_dir, self.ema_rate, self._extra_checkpoint_kinds())
         path = _broadcast_object(path)
         if path is None:
             logger.log(f"--resume_checkpoint auto: no checkpoint in {self.logging_dir}; starting from scratch")
@@ -499,6 +543,10 @@ class TrainLoop:
     def _setup_networks(self):
         """Hook: load/prepare the other networks once the model and optimiser exist."""
 
+    def _extra_checkpoint_kinds(self):
+        """Hook: kinds of the files `_extra_checkpoint_files` writes (a resumable set needs them)."""
+        return ()
+
     def _wrap_model(self):
         if not _distributed():
             return self.model
@@ -533,7 +581,9 @@ class TrainLoop:
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 if self.step != before:
-                    if self.save_interval > 0 and self.step % self.save_interval == 0:
+                    # no periodic save amid non-finite steps: the last good set stays the newest
+                    due = self.save_interval > 0 and self.step % self.save_interval == 0
+                    if due and not self.bad_steps.in_a_row:
                         self.save()
                     if self.step % self.log_interval == 0:
                         logger.dumpkvs()
@@ -563,12 +613,38 @@ class TrainLoop:
         self._seed_step()
         self._set_lr()
         self.forward_backward(batch, cond)
+        if self._skip_bad_step():
+            self.log_step()
+            self.step += 1
+            return False
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
             self._update_ema()
         self.log_step()
         self.step += 1
         return took_step
+
+    def _backward(self, loss):
+        """Backward of ``loss`` (NaN on the steps of the test switch CM_INJECT_NAN_STEPS)."""
+        self.mp_trainer.backward(faults.maybe_inject_nan(loss, self.step, self._nan_steps))
+
+    def _skip_bad_step(self):
+        """True when this step's gradients are not finite: they are dropped and the step counted.
+
+        fp16 keeps its own loss-scale logic. Raises faults.TrainingStopped after
+        max_bad_steps such steps in a row.
+        """
+        if self.mp_trainer.loss_scaling:
+            return False
+        if faults.grads_finite(self.mp_trainer.master_params):
+            self.bad_steps.good()
+            logger.logkv("bad_steps", self.bad_steps.total)
+            return False
+        self.mp_trainer.zero_grad()
+        logger.log(f"step {self.step}: loss or gradients not finite; step skipped")
+        logger.logkv("bad_steps", self.bad_steps.total + 1)
+        self.bad_steps.bad(self.step, self._last_checkpoint)
+        return True
 
     def _micro_batches(self, batch, cond):
         """(slice, is_last) over the batch in micro-batch pieces."""
@@ -611,7 +687,7 @@ class TrainLoop:
                     model_kwargs={k: v[part] for k, v in cond.items()},
                     noise=noise[part],
                 )
-                self.mp_trainer.backward((losses["loss"] * weights[part]).sum() / n)
+                self._backward((losses["loss"] * weights[part]).sum() / n)
             log_loss_dict(self.diffusion, sigmas[part], {k: v * weights[part] for k, v in losses.items()})
             batch_losses.append(losses["loss"].detach())
         if isinstance(self.schedule_sampler, LossAwareSampler):
@@ -649,17 +725,30 @@ class TrainLoop:
         return files
 
     def save(self):
-        """Write the checkpoint of the current step (rank 0; each file atomically, model last)."""
-        if self.rank == 0:
-            directory = self.checkpoint_dir()
+        """Write the checkpoint set of the current step on rank 0, agreed by every rank.
+
+        Each file is serialised, then written atomically, model file last, with
+        ``metaNNNNNN.json`` beside it; a failure on rank 0 (disk full, ...)
+        removes the new set's files and raises the same one-line error on
+        every rank, leaving the previous set the newest complete one.
+        """
+        directory = self.checkpoint_dir()
+
+        def write():
+            if self.rank != 0:
+                return
             if directory is None:
                 raise ValueError("no logging directory to save checkpoints in (call logger.configure first)")
-            os.makedirs(directory, exist_ok=True)
-            for name, state in self.checkpoint_state():
-                save_atomic(state, os.path.join(directory, name))
+            files = self.checkpoint_state()
+            meta = run_metadata.metadata_bytes(self.step, self.run_flags, self.world_size)
+            files.insert(len(files) - 1, (run_metadata.metadata_filename(self.step), meta))
+            faults.write_checkpoint_set(directory, files)
             logger.log(f"saved checkpoint of step {self.step} in {directory}")
-        dist_util.barrier()
+
+        on_all_ranks(write)
         self._saved_step = self.step
+        if directory is not None:
+            self._last_checkpoint = os.path.join(directory, checkpoint_filename("model", self.step))
 
 
 # ----------------------------------------------------------------------------
@@ -750,6 +839,10 @@ class CMTrainLoop(TrainLoop):
         if self.training_mode == "progdist":
             self._maybe_next_progdist_stage()
         self.forward_backward(batch, cond)
+        if self._skip_bad_step():  # a non-finite step is not retried: the same batch would repeat it
+            self.log_step()
+            self.step += 1
+            return False
         took_step = self.mp_trainer.optimize(self.opt)
         self.log_step()
         if took_step:
@@ -806,7 +899,7 @@ class CMTrainLoop(TrainLoop):
                         teacher_model=self.teacher_model if distill else None,
                         teacher_diffusion=self.teacher_diffusion if distill else None,
                     )
-                self.mp_trainer.backward(losses["loss"].sum() / n)
+                self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
             if "r" in losses:
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
@@ -836,6 +929,10 @@ class CMTrainLoop(TrainLoop):
         update_ema(self.target_master_params, self.mp_trainer.master_params, rate=target_ema)
         if self.mp_trainer.loss_scaling:
             master_params_to_model_params(list(self.target_model.parameters()), self.target_master_params)
+
+    def _extra_checkpoint_kinds(self):
+        kinds = ["target_model"] if self.target_model is not None else []
+        return tuple(kinds + (["teacher_model"] if self.training_mode == "progdist" else []))
 
     def _extra_checkpoint_files(self):
         files = []

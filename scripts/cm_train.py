@@ -21,7 +21,8 @@ import torch
 
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
-from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
+from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
+from cm.model_files import adopt_network_flags
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,
     RECIPE_MODES,
@@ -80,6 +81,14 @@ def main(argv=None):
         )
     if args.training_mode in ("consistency_distillation", "progdist") and not args.teacher_model_path:
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
+    # an EDM .pkl teacher fixes the architecture flags (teacher and student share it)
+    teacher_file = adopt_network_flags(args, "teacher_model_path", model_and_diffusion_defaults())
+    if teacher_file and teacher_file[1].get("training_mode", "edm") != "edm":  # JAX files do not say
+        raise UsageError(f"--teacher_model_path {args.teacher_model_path} is a consistency model, not an EDM teacher")
+    # ... and so does an --init_from file of ect/ict
+    init_file = None
+    if args.training_mode in RECIPE_MODES and args.init_from != "none":
+        init_file = adopt_network_flags(args, "init_from", model_and_diffusion_defaults())
     if args.training_mode in RECIPE_MODES:
         ema_scale_fn = recipe_ema_and_scales_fn(
             args.training_mode, args.total_training_steps, args.start_scales, args.end_scales, args.ect_double
@@ -97,15 +106,14 @@ def main(argv=None):
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
 
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
-    # consistency models use the boundary-condition scalings; progdist students are EDM denoisers,
-    # and ECT keeps EDM's (its boundary is D(x, 0) = x, so the pretrained denoiser is its start)
-    distillation = args.training_mode not in ("progdist", "ect")
+    # consistency models (ECT and iCT too) use the boundary-condition scalings; progdist students are EDM denoisers
+    distillation = args.training_mode != "progdist"
     model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
     model, diffusion = create_model_and_diffusion(**model_kwargs)
-    load_init_weights(model, args.init_from)
+    load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
     if args.loss_norm == "lpips" and args.training_mode not in RECIPE_MODES:
         diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
@@ -114,7 +122,8 @@ def main(argv=None):
     if args.teacher_model_path:
         teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
-        load_model_state(teacher_model, read_checkpoint(args.teacher_model_path), args.teacher_model_path)
+        teacher_state = teacher_file[0].state_dict() if teacher_file else read_checkpoint(args.teacher_model_path)
+        load_model_state(teacher_model, teacher_state, args.teacher_model_path)
         teacher_model.to(dist_util.dev())
 
     target_model = None
@@ -130,6 +139,7 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             seed=args.seed,
+            skip_bad_images=args.skip_bad_images,
         )
     )
     loop = CMTrainLoop(
@@ -155,6 +165,8 @@ def main(argv=None):
         lr_anneal_steps=args.lr_anneal_steps,
         logging_dir=log_dir,
         seed=args.seed,
+        max_bad_steps=args.max_bad_steps,
+        run_flags=vars(args),
         huber_c=args.huber_c if args.training_mode in RECIPE_MODES else None,
         ect_q=args.ect_q,
     )

@@ -54,7 +54,7 @@ def main(argv=None):
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
 
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
@@ -68,6 +68,7 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             seed=args.seed,
+            skip_bad_images=args.skip_bad_images,
         )
     )
     loop = TrainLoop(
@@ -89,6 +90,8 @@ def main(argv=None):
         total_training_steps=args.total_training_steps,
         logging_dir=log_dir,
         seed=args.seed,
+        max_bad_steps=args.max_bad_steps,
+        run_flags=vars(args),
     )
 
     logger.configure(dir=log_dir)

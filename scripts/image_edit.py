@@ -18,16 +18,20 @@ from cm.edit_util import (
     check_edit_args,
     create_edit_argparser,
     degraded_uint8,
+    edit_flag_defaults,
     load_inputs,
     run_plan,
     save_edits,
     to_float,
 )
+from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.sample_util import load_model_and_diffusion
 
 
 def main(argv=None):
     args = create_edit_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
+    # a self-describing file (ECT .pkl) sets the network flags; a contradicting flag is an error
+    network = adopt_network_flags(args, "model_path", edit_flag_defaults(), SAMPLING_FLAGS)
     sigmas, class_labels = check_edit_args(args)
 
     dist_util.setup_dist()
@@ -36,7 +40,7 @@ def main(argv=None):
     if args.task != "interpolate":
         inputs, labels = load_inputs(args.input, args.image_size, args.class_cond, args.num_images)
     plan = build_plan(args, sigmas, class_labels, None if inputs is None else to_float(inputs), labels)
-    model, diffusion, prefix = load_model_and_diffusion(args)
+    model, diffusion, prefix = load_model_and_diffusion(args, state_dict=network and network[0].state_dict())
     logger.configure(dir=args.logging_dir or None)
     logger.save_args(args)
     if prefix:

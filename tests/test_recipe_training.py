@@ -20,7 +20,7 @@ SMALL = dict(image_size=8, channel_mult="1,2", num_channels=32, num_res_blocks=1
 
 
 def build(mode, dropout=0.2):
-    kw = dict(model_and_diffusion_defaults(), **SMALL, dropout=dropout, distillation=mode == "ict", loss_norm="l2")
+    kw = dict(model_and_diffusion_defaults(), **SMALL, dropout=dropout, distillation=True, loss_norm="l2")
     torch.manual_seed(0)
     return create_model_and_diffusion(**kw)
 

@@ -120,7 +120,7 @@ def test_ict_loss_is_zero_for_the_exact_consistency_function_and_positive_where_
 
 @pytest.mark.parametrize("stage", [0, 2, 6])
 def test_ect_loss_is_zero_for_the_exact_consistency_function_and_positive_where_wrong(stage):
-    # ECT keeps EDM's scalings: the boundary is D(x, 0) = x, i.e. σ_min = 0 and f = μ for σ > 0
+    # ECT's target at r = 0 is x itself: the consistency function with its boundary at σ = 0 (f = μ for σ > 0)
     torch.manual_seed(1)
     out = ExactDenoiser(exact_f(0.0)).ect_losses(None, batch(), stage)
     assert out["loss"].abs().max() < 1e-6
@@ -173,7 +173,7 @@ class MaskRecorder(torch.nn.Module):
 @pytest.mark.parametrize("mode", ["ect", "ict"])
 def test_both_calls_of_a_step_share_the_dropout_mask_and_steps_differ(mode):
     net = MaskRecorder().train()
-    diffusion = KarrasDenoiser(distillation=mode == "ict", loss_norm="l2")
+    diffusion = KarrasDenoiser(distillation=True, loss_norm="l2")
     for step in range(2):
         seed_all(derived_seed(0, 0, step, 0))
         if mode == "ect":

@@ -472,5 +472,6 @@ def test_two_processes_sync_gradients_under_mpiexec_and_torchrun(digits_dir, tmp
     # both launchers compute the same training run
     assert identical(mpi[0], tr[0])
     assert sorted(os.listdir(tmp_path / "mpi_logs")) == [
-        "args.json", "ema_0.9999_000003.pt", "log.txt", "model000003.pt", "opt000003.pt", "progress.csv",
+        "args.json", "ema_0.9999_000003.pt", "log.txt", "meta000003.json", "model000003.pt", "opt000003.pt",
+        "progress.csv",
     ]
