@@ -186,3 +186,20 @@ def test_presets_fill_only_flags_not_given_and_leave_other_modes_alone():
     for mode in ("consistency_distillation", "consistency_training", "progdist"):
         args, plain = resolved(["--training_mode", mode]), parser.parse_args(["--training_mode", mode])
         assert vars(args) == vars(plain)
+
+
+def test_ect_starts_from_an_edm_pkl_whose_flags_it_adopts(tmp_path, capsys, monkeypatch):
+    from cm.cli import run_cli
+    from cm.edm_pickle import load_edm_pickle
+    from song_helpers import EDM, image_folder, load_script
+
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
+    argv = (f"--training_mode ect --init_from {pkl} --lr 0 --global_batch_size 2 --total_training_steps 1 "
+            f"--save_interval 1 --data_dir {image_folder(tmp_path / 'data', 16)} --logging_dir {tmp_path / 'ect'}")
+    assert run_cli(load_script("cm_train").main, argv.split()) == 0, capsys.readouterr().err
+    tuned = torch.load(tmp_path / "ect" / "model000001.pt", weights_only=True)
+    source, _ = load_edm_pickle(pkl)
+    assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())  # lr 0: still the EDM weights
+    assert run_cli(load_script("cm_train").main, (argv + " --num_channels 64").split()) == 1
+    assert "--num_channels 64 contradicts --init_from" in capsys.readouterr().err
