@@ -55,6 +55,17 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"{category.__name__}: {message}\n"
 
 
+def _leave_group_together():
+    """After an error every rank agreed on: leave the process group together, so that no
+    rank's exit pulls the rendezvous store from under another (a stray C++ abort line)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (exiting anyway; the error line is already out)
+            pass
+
+
 def run_cli(main, argv=None):
     """Run a script's ``main(argv)`` and return its exit status.
 
@@ -77,6 +88,8 @@ def run_cli(main, argv=None):
         if not isinstance(exc, UsageError) or dist_util.get_rank() == 0:
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        if isinstance(exc, UsageError):
+            _leave_group_together()
         return 1
     except RuntimeError as exc:
         reason = dist_util.lost_process_reason(exc)

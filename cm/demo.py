@@ -400,6 +400,7 @@ def edm_train_argv(cfg, data_dir, log_dir):
         f"--save_interval={cfg.edm_steps}",
         f"--log_interval={cfg.log_interval}",
         f"--seed={cfg.seed}",
+        "--random_flip=False",  # digits are not mirror-symmetric
     ]
 
 
@@ -425,6 +426,7 @@ def cm_train_argv(cfg, data_dir, log_dir, teacher_path):
         f"--loss_norm={cfg.loss_norm}",
         "--weight_schedule=uniform",
         f"--seed={cfg.seed + 1}",
+        "--random_flip=False",
     ]
 
 
@@ -464,6 +466,7 @@ def recipe_train_argv(cfg, mode, data_dir, log_dir, init_from):
         f"--save_interval={steps}",
         f"--log_interval={cfg.log_interval}",
         f"--seed={cfg.seed + 2}",
+        "--random_flip=False",
     ]
     if mode == "ect":
         return argv + [f"--init_from={init_from}", f"--lr={cfg.ect_lr}", f"--ect_double={cfg.ect_double}"]

@@ -25,11 +25,12 @@ RECIPE_FLAG_HELP = {
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 
-# ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation
-# (our pipeline has none besides the left-right flips all modes share).
+# ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation.
 # iCT's CIFAR-10 run (Song & Dhariwal 2023): 400k steps at batch 1024, dropout 0.3, EMA 0.99993, s0 10, s1 1280.
 RECIPE_PRESETS = {
-    "ect": dict(lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000),
+    "ect": dict(
+        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000, random_flip=False
+    ),
     "ict": dict(
         lr=1e-4,
         global_batch_size=1024,
@@ -38,6 +39,7 @@ RECIPE_PRESETS = {
         total_training_steps=400000,
         start_scales=10,
         end_scales=1280,
+        random_flip=False,
     ),
 }
 

@@ -18,8 +18,8 @@ One step k (0-based) of either loop:
    loop also the target θ⁻ ← μ·θ⁻ + (1−μ)·θ with μ from ``ema_scale_fn(k)``.
 
 After it, ``loop.step`` = k+1 steps are done; checkpoints carry that number.
-In the consistency loop a skipped fp16 step is retried and does not count (as
-in the original); in the EDM loop it counts.
+A skipped fp16 step does not count and is retried on the same batch (the
+original also counts only taken steps, but draws a new batch).
 
 Resuming is bit-exact (tested on CPU: 4 straight steps and 2 + resume + 2
 give identical model, EMA, optimiser and target files) because nothing a step
@@ -67,13 +67,14 @@ from .checkpoint import (
     read_checkpoint,
     strip_wrapper_prefix,
 )
-from .cli import on_all_ranks
+from .cli import UsageError, on_all_ranks
 from .fp16_util import (
     MixedPrecisionTrainer,
     master_params_to_model_params,
     master_params_to_state_dict,
 )
 from .nn import update_ema
+from .opt_layout import is_original_fp16_layout, to_per_parameter
 from .recipes import RECIPE_MODES  # iCT/ECT: the online network under no_grad is the target
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
@@ -118,7 +119,8 @@ def per_rank_batch_size(global_batch_size, batch_size, world_size):
         raise ValueError(f"--batch_size must be positive or -1, got {batch_size}")
     per_rank = global_batch_size // world_size
     if per_rank < 1:
-        raise ValueError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
+        # every rank has it: a UsageError, printed once
+        raise UsageError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
     note = None
     if global_batch_size % world_size:
         note = (
@@ -432,6 +434,7 @@ class TrainLoop:
         self.bad_steps = faults.BadStepGuard(max_bad_steps)
         self._nan_steps = faults.injected_nan_steps()
         self.run_flags = run_flags
+        self._weights_only = False  # resumed from a file that is not modelNNNNNN.pt
 
         self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
         self._last_checkpoint = self.resume_checkpoint
@@ -467,7 +470,15 @@ class TrainLoop:
     def _load_model(self):
         self._initial_weights()
         if self.resume_checkpoint:
-            self.step = parse_resume_step(self.resume_checkpoint)
+            try:
+                self.step = parse_resume_step(self.resume_checkpoint)
+            except CheckpointError:
+                # the original's parse_resume_step_from_filename: any other name (an EMA file) is step 0
+                self._weights_only = True
+                logger.log(
+                    f"WARNING: --resume_checkpoint {self.resume_checkpoint} is not a modelNNNNNN.pt file: "
+                    "its weights initialise the model at step 0; no EMA, optimiser or target file is loaded"
+                )
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}")
             state = read_checkpoint(self.resume_checkpoint)
             load_model_state(self.model, state, self.resume_checkpoint)
@@ -476,7 +487,7 @@ class TrainLoop:
 
     def _sibling(self, kind, rate=None):
         """(path, state) of a part of the resumed checkpoint, or None when absent."""
-        if not self.resume_checkpoint:
+        if not self.resume_checkpoint or self._weights_only:
             return None
         name = checkpoint_filename(kind, self.step, rate)
         path = os.path.join(os.path.dirname(self.resume_checkpoint), name)
@@ -510,6 +521,10 @@ class TrainLoop:
         path, state = found
         state = dict(state)
         lg_loss_scale = state.pop("lg_loss_scale", None)
+        shapes = [tuple(p.shape) for p in self.model.parameters()]
+        if is_original_fp16_layout(state, shapes):
+            logger.log(f"{path}: the original's float16 layout (two flat master tensors); split per parameter")
+            state = to_per_parameter(state, shapes)
         self._check_optimizer_state(path, state)
         try:
             self.opt.load_state_dict(state)
@@ -621,7 +636,10 @@ class TrainLoop:
         if took_step:
             self._update_ema()
         self.log_step()
-        self.step += 1
+        if took_step:  # as in the original, a skipped fp16 step does not count
+            self.step += 1
+        elif hasattr(self.data, "seek"):
+            self.data.seek(self.step)  # retry the same step on the same batch
         return took_step
 
     def _backward(self, loss):
@@ -799,6 +817,15 @@ class CMTrainLoop(TrainLoop):
         self.target_master_params = None
         self.huber_c, self.ect_q = huber_c, ect_q
         super().__init__(total_training_steps=total_training_steps, **kwargs)
+        if self.lr_anneal_steps and self.lr_anneal_steps < total_training_steps:
+            logger.log(
+                f"WARNING: --lr_anneal_steps {self.lr_anneal_steps} < --total_training_steps "
+                f"{total_training_steps}: the lr is 0 from step {self.lr_anneal_steps} on"
+            )
+
+    def finished(self):
+        """True once total_training_steps steps are done (SPEC §8; lr_anneal_steps only decays the lr)."""
+        return self.step >= self.total_training_steps
 
     def _initial_weights(self):
         if self.teacher_model is not None and not self.resume_checkpoint:
@@ -835,9 +862,9 @@ class CMTrainLoop(TrainLoop):
 
     def run_step(self, batch, cond):
         self._seed_step()
-        self._set_lr()
         if self.training_mode == "progdist":
             self._maybe_next_progdist_stage()
+        self._set_lr()  # after a stage change, so its fresh optimiser runs at the logged, annealed lr
         self.forward_backward(batch, cond)
         if self._skip_bad_step():  # a non-finite step is not retried: the same batch would repeat it
             self.log_step()

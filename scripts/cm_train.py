@@ -50,9 +50,10 @@ from cm.train_util import (
 )
 
 HELP = {
-    "schedule_sampler": "unused here (the consistency losses draw their own noise levels); kept so the "
-    "original's commands run",
+    "schedule_sampler": "only uniform: the consistency losses draw their own noise levels (the original "
+    "accepted and ignored other samplers); kept so the original's commands run",
     "lpips_path": "LPIPS weights file for --loss_norm lpips (empty: $CM_LPIPS_PATH)",
+    "random_flip": "flip training images left-right with probability 1/2 (the original's load_data default)",
     "seed": "seed of the initial weights and of the per-(rank, step) noise, dropout and data order; "
     "makes a resumed run continue exactly",
 }
@@ -62,7 +63,7 @@ def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
     defaults.update(cm_train_defaults())
-    defaults.update(lpips_path="", seed=0)
+    defaults.update(lpips_path="", seed=0, random_flip=True)
     defaults.update(recipe_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP})
@@ -78,6 +79,11 @@ def main(argv=None):
         raise ValueError(
             f"--training_mode {args.training_mode} is not trained by cm_train.py; "
             f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
+        )
+    if args.schedule_sampler != "uniform":
+        raise ValueError(
+            f"--schedule_sampler {args.schedule_sampler} is not used by cm_train.py: the consistency losses draw "
+            "their own noise levels (the original ignored it); leave it at uniform"
         )
     if args.training_mode in ("consistency_distillation", "progdist") and not args.teacher_model_path:
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
@@ -140,6 +146,7 @@ def main(argv=None):
             class_cond=args.class_cond,
             seed=args.seed,
             skip_bad_images=args.skip_bad_images,
+            random_flip=args.random_flip,
         )
     )
     loop = CMTrainLoop(

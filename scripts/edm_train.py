@@ -30,6 +30,7 @@ HELP = {
     "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
     "(importance sampling over the 40-point Karras grid); uniform is refused",
     "total_training_steps": "stop after this many steps (0: no limit besides --lr_anneal_steps)",
+    "random_flip": "flip training images left-right with probability 1/2 (the original's load_data default)",
     "seed": "seed of the initial weights and of the per-(rank, step) noise, dropout and data order; "
     "makes a resumed run continue exactly",
 }
@@ -38,7 +39,7 @@ HELP = {
 def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
-    defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0)
+    defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0, random_flip=True)
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
     return parser
@@ -69,6 +70,7 @@ def main(argv=None):
             class_cond=args.class_cond,
             seed=args.seed,
             skip_bad_images=args.skip_bad_images,
+            random_flip=args.random_flip,
         )
     )
     loop = TrainLoop(
