@@ -198,7 +198,10 @@ def test_ect_starts_from_an_edm_pkl_whose_flags_it_adopts(tmp_path, capsys, monk
     pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
     argv = (f"--training_mode ect --init_from {pkl} --lr 0 --global_batch_size 2 --total_training_steps 1 "
             f"--save_interval 1 --data_dir {image_folder(tmp_path / 'data', 16)} --logging_dir {tmp_path / 'ect'}")
-    assert run_cli(load_script("cm_train").main, argv.split()) == 0, capsys.readouterr().err
+    try:
+        assert run_cli(load_script("cm_train").main, argv.split()) == 0, capsys.readouterr().err
+    finally:
+        logger.reset()  # the in-process run configured the logger: later tests must not write to its files
     tuned = torch.load(tmp_path / "ect" / "model000001.pt", weights_only=True)
     source, _ = load_edm_pickle(pkl)
     assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())  # lr 0: still the EDM weights
