@@ -5,6 +5,7 @@ import os
 import sys
 import warnings
 
+import torch
 import torch.distributed as dist
 
 from . import dist_util
@@ -40,6 +41,13 @@ def on_all_ranks(fn):
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         if error is not None:
             raise error
+        return result
+    # One small all-reduce in the common case (cheap enough for every step's batch);
+    # the messages are gathered only when some rank failed.
+    device = dist_util.dev() if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed_anywhere = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(failed_anywhere)
+    if not int(failed_anywhere.item()):
         return result
     messages = [None] * dist.get_world_size()
     mine = None if error is None else " ".join(str(error).split()) or type(error).__name__

@@ -44,6 +44,7 @@ of each batch, compare across steps and between the two loops.
 """
 
 import contextlib
+import inspect
 import os
 import random
 import signal
@@ -173,6 +174,14 @@ def _collective_device():
     if _distributed() and dist.get_backend() == "nccl":
         return dist_util.dev()
     return torch.device("cpu")
+
+
+def _no_buffer_broadcast():
+    """DDP keyword for "do not broadcast buffers before each forward" (the original's
+    broadcast_buffers=False; newer torch spells it forward_sync_buffers and warns on the old one)."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _broadcast_object(obj):
@@ -573,8 +582,8 @@ class TrainLoop:
             self.model,
             device_ids=[dist_util.dev()] if cuda else None,
             output_device=dist_util.dev() if cuda else None,
-            broadcast_buffers=False,
             bucket_cap_mb=128,
+            **_no_buffer_broadcast(),
             find_unused_parameters=False,
         )
 
@@ -593,7 +602,8 @@ class TrainLoop:
         with _StopOnSigterm() as stop:
             while not self.finished():
                 before = self.step
-                batch, cond = next(self.data)
+                # a bad image on one rank ends every rank with its line, not a lost-peer error
+                batch, cond = on_all_ranks(lambda: next(self.data))
                 self.run_step(batch, cond)
                 if self.step != before:
                     # no periodic save amid non-finite steps: the last good set stays the newest
