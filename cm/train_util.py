@@ -72,6 +72,7 @@ from .fp16_util import (
     master_params_to_state_dict,
 )
 from .nn import update_ema
+from .precision import resolve_precision, wrap as precision_wrap
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
 
@@ -364,6 +365,7 @@ class TrainLoop:
         total_training_steps=0,
         logging_dir=None,
         seed=None,
+        precision=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -392,6 +394,9 @@ class TrainLoop:
         self.step = 0
         self._saved_step = None
 
+        # bf16: autocast network calls over float32 weights (cm.precision); None = from use_fp16
+        self.precision = resolve_precision(precision, use_fp16)
+        use_fp16 = self.precision == "fp16"
         self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
         self._load_model()
         self.mp_trainer = MixedPrecisionTrainer(
@@ -574,6 +579,10 @@ class TrainLoop:
         for i in range(0, n, self.microbatch):
             yield slice(i, i + self.microbatch), i + self.microbatch >= n
 
+    def _net(self, model):
+        """``model`` as the losses call it: under bf16 autocast when --precision bf16."""
+        return precision_wrap(model, self.precision)
+
     def _sync_context(self, last):
         """Gradients are all-reduced in the last micro-batch's backward only."""
         if isinstance(self.ddp_model, DDP) and not last:
@@ -603,7 +612,7 @@ class TrainLoop:
         for part, last in self._micro_batches(batch, cond):
             with self._sync_context(last):
                 losses = self.diffusion.training_losses(
-                    self.ddp_model,
+                    self._net(self.ddp_model),
                     batch[part],
                     sigmas[part],
                     model_kwargs={k: v[part] for k, v in cond.items()},
@@ -777,22 +786,22 @@ class CMTrainLoop(TrainLoop):
             with self._sync_context(last):
                 if self.training_mode == "progdist":
                     losses = self.diffusion.progdist_losses(
-                        self.ddp_model,
+                        self._net(self.ddp_model),
                         batch[part],
                         num_scales,
                         model_kwargs=micro_cond,
-                        teacher_model=self.teacher_model,
+                        teacher_model=self._net(self.teacher_model),
                         teacher_diffusion=self.teacher_diffusion,
                     )
                 else:
                     distill = self.training_mode == "consistency_distillation"
                     losses = self.diffusion.consistency_losses(
-                        self.ddp_model,
+                        self._net(self.ddp_model),
                         batch[part],
                         num_scales,
                         model_kwargs=micro_cond,
-                        target_model=self.target_model,
-                        teacher_model=self.teacher_model if distill else None,
+                        target_model=self._net(self.target_model),
+                        teacher_model=self._net(self.teacher_model) if distill else None,
                         teacher_diffusion=self.teacher_diffusion if distill else None,
                     )
                 self.mp_trainer.backward(losses["loss"].sum() / n)
