@@ -22,6 +22,7 @@ so the original's spelling keeps working; ``--use_fp16 True`` together with
 
 import contextlib
 import functools
+import importlib
 import shutil
 
 import torch
@@ -99,7 +100,7 @@ def compile_unavailable_reason(device_type="cpu"):
         except ImportError:
             return "triton is not installed (inductor needs it for CUDA code)"
     try:
-        import torch._inductor  # noqa: F401
+        importlib.import_module("torch._inductor")
     except Exception as exc:  # any import failure means no compiler backend
         return f"torch inductor is unavailable ({type(exc).__name__})"
     return None
@@ -126,3 +127,44 @@ def prepare_model(model, *, channels_last=False, compile=False, device_type="cpu
     if compile:
         compile_model(model, device_type, log=log)
     return model
+
+
+# ----------------------------------------------------------------------------
+# The scripts' flags
+
+
+def add_speed_flags(parser):
+    """Add --precision, --channels_last and --compile to an argparse parser."""
+    from .script_util import str2bool
+
+    parser.add_argument("--precision", default="auto", help=f"{PRECISION_HELP} (default: auto)")
+    parser.add_argument("--channels_last", type=str2bool, default=False, help=f"{CHANNELS_LAST_HELP} (default: False)")
+    parser.add_argument("--compile", type=str2bool, default=False, help=f"{COMPILE_HELP} (default: False)")
+    return parser
+
+
+def resolve_speed_args(args):
+    """Resolve ``args.precision`` against ``args.use_fp16`` in place (one-line UsageError); returns it.
+
+    Afterwards ``args.use_fp16`` is True exactly when the precision is fp16, so
+    code that reads only ``use_fp16`` keeps doing the right thing.
+    """
+    from .cli import UsageError
+
+    try:
+        args.precision = resolve_precision(args.precision, getattr(args, "use_fp16", False))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    args.use_fp16 = args.precision == "fp16"
+    return args.precision
+
+
+def prepare_from_args(model, args, device_type="cpu", log=print):
+    """`prepare_model` with the scripts' --channels_last and --compile (absent flags: off)."""
+    return prepare_model(
+        model,
+        channels_last=getattr(args, "channels_last", False),
+        compile=getattr(args, "compile", False),
+        device_type=device_type,
+        log=log,
+    )

@@ -19,6 +19,7 @@ import torch
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
 from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
+from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -51,11 +52,13 @@ def create_argparser():
     defaults.update(lpips_path="", seed=0)
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
+    add_speed_flags(parser)
     return parser
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    resolve_speed_args(args)
     if args.training_mode not in CM_TRAINING_MODES:
         raise ValueError(
             f"--training_mode {args.training_mode} is not trained by cm_train.py; "
@@ -98,6 +101,10 @@ def main(argv=None):
         target_model, _ = create_model_and_diffusion(**model_kwargs)
         target_model.to(dist_util.dev())
 
+    for net in (model, teacher_model, target_model):
+        if net is not None:
+            prepare_from_args(net, args, dist_util.dev().type)
+
     # each rank checks its own shard: agree on failure before the next collective
     data = on_all_ranks(
         lambda: load_training_data(
@@ -131,6 +138,7 @@ def main(argv=None):
         lr_anneal_steps=args.lr_anneal_steps,
         logging_dir=log_dir,
         seed=args.seed,
+        precision=args.precision,
     )
 
     logger.configure(dir=log_dir)

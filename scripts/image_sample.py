@@ -13,6 +13,7 @@ import sys
 
 from cm import dist_util, logger
 from cm.cli import run_cli
+from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_sample_args,
     create_argparser,
@@ -25,6 +26,7 @@ from cm.sample_util import (
 def main(argv=None):
     args = create_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
     ts, class_labels = check_sample_args(args)
+    resolve_speed_args(args)
 
     dist_util.setup_dist()
     # Everything that can fail on user input happens before the logging dir is created.
@@ -36,7 +38,7 @@ def main(argv=None):
 
     logger.log(f"sampling {args.num_samples} images with {args.sampler} ({args.training_mode} scalings)...")
     images, labels = sample_images(
-        model,
+        wrap(model, args.precision),
         diffusion,
         num_samples=args.num_samples,
         batch_size=args.batch_size,

@@ -15,6 +15,7 @@ import sys
 from cm import dist_util, logger
 from cm.cli import UsageError, run_cli
 from cm.fileio import write_atomic
+from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_common_args,
     create_argparser,
@@ -63,6 +64,7 @@ def main(argv=None):
     parser = create_argparser(search_defaults(), description=__doc__.splitlines()[0], help=SEARCH_HELP)
     args = parser.parse_args(argv)
     class_labels, lo, hi = check_search_args(args)
+    resolve_speed_args(args)
 
     dist_util.setup_dist()
     device = dist_util.dev()
@@ -77,7 +79,7 @@ def main(argv=None):
 
     def fid_at(t):
         fid = multistep_fid(
-            model,
+            wrap(model, args.precision),
             diffusion,
             t,
             inception,
