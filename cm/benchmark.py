@@ -143,7 +143,10 @@ def parse_setting(text):
         key = key.strip().lstrip("-")
         if not sep or key not in COMPARE_FLAGS:
             raise ValueError(f"--compare: {item!r} is not flag=value with a flag among {', '.join(COMPARE_FLAGS)}")
-        setting[key] = value.strip() if key in ("precision", "use_fp16") else str2bool(value.strip())
+        try:
+            setting[key] = value.strip() if key in ("precision", "use_fp16") else str2bool(value.strip())
+        except Exception as exc:  # argparse.ArgumentTypeError from str2bool
+            raise ValueError(f"--compare: {item!r}: {exc}") from None
     return setting
 
 
