@@ -13,6 +13,8 @@ setup(
         "blobfile",
         "pillow",
         "tqdm",
+        # reads OpenAI's JAX/Flax CIFAR-10 checkpoints (cm/flax_msgpack.py) without JAX
+        "msgpack",
     ],
     extras_require={
         # scipy: reference matrix square root in the FID tests;

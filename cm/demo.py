@@ -101,6 +101,9 @@ class DemoConfig:
     heun_steps: int = 18
     cm_steps: int = 40
     two_step_ts: str = "0,22,39"
+    # editing panel (cm/demo_editing.py)
+    edit_images: int = 200
+    edit_ts: str = "0,10,20,30,39"
     classifier_epochs: int = 12
     heldout_fraction: float = 0.2
     log_interval: int = 10
@@ -130,6 +133,7 @@ def quick_config():
         heun_steps=4,
         classifier_epochs=1,
         log_interval=2,
+        edit_images=20,
     )
 
 
@@ -325,13 +329,13 @@ def _load_script(name):
     return module
 
 
-def run_sampling(name, argv, log_path):
-    """Call ``scripts/image_sample.py``'s ``main(argv)`` in this process; returns the wall time.
+def run_sampling(name, argv, log_path, script="image_sample.py"):
+    """Call ``scripts/<script>``'s ``main(argv)`` in this process; returns the wall time.
 
     Its log lines go to ``log_path``; its progress bar (stderr) stays visible.
     """
-    tqdm.write(f"$ {shlex.join(['python', 'scripts/image_sample.py', *argv])}")
-    module = _load_script("image_sample.py")
+    tqdm.write(f"$ {shlex.join(['python', 'scripts/' + script, *argv])}")
+    module = _load_script(script)
     from . import logger
 
     buf = io.StringIO()
@@ -583,22 +587,26 @@ def run_demo(out, cfg, progress=True):
         panels.append((images, labels))
         files[name] = dict(npz=os.path.relpath(npz, out), grid=os.path.relpath(grid, out))
     rows.append(real_row)
+    from .demo_editing import run_editing
+
+    edits, edit_files = run_editing(out, cfg, student, clf, held_imgs, y_held, ref_stats, logs, commands, timings)
 
     grid_path = os.path.join(out, "comparison.png")
     titles = [f"{r['label']}: {r['nfe']} NFE" for r in rows if r["name"] != "real"]
     scale = max(1, 32 // cfg.image_size)
     Image.fromarray(comparison_grid(panels, scale=scale, titles=titles)).save(grid_path)
-    table = format_table(rows)
+    table = format_table(rows + edits)
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write(table + "\n")
     timings["total"] = time.perf_counter() - t_start
     results = dict(
         config=cfg.as_dict(),
         rows=rows,
+        editing=edits,
         timings_s=timings,
         commands=commands,
-        files=dict(samples=files, comparison="comparison.png", table="table.txt", classifier="classifier.pt",
-                   teacher=os.path.relpath(teacher, out), student=os.path.relpath(student, out)),
+        files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt",
+                   classifier="classifier.pt", teacher=os.path.relpath(teacher, out), student=os.path.relpath(student, out)),
         torch_threads=torch.get_num_threads(),
     )
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -177,16 +177,19 @@ def read_checkpoint(path):
         raise UsageError(f"--model_path: {e}") from None
 
 
-def load_model_and_diffusion(args, device=None):
+def load_model_and_diffusion(args, device=None, state_dict=None):
     """Build the model/denoiser from the flags and load ``args.model_path``.
 
     Returns (model in eval mode on ``device``, diffusion, removed key prefix).
     ``--use_fp16 True`` converts the model only when CUDA is present (else warns once).
+    ``state_dict``: weights already read (a self-describing file), instead of reading the path.
     """
     model, diffusion = create_model_and_diffusion(
         **model_and_diffusion_kwargs(args, distillation=uses_distillation(args.training_mode))
     )
-    prefix = load_model_state(model, read_checkpoint(args.model_path), args.model_path)
+    if state_dict is None:
+        state_dict = read_checkpoint(args.model_path)
+    prefix = load_model_state(model, state_dict, args.model_path)
     model.to(device if device is not None else dist_util.dev())
     if resolve_use_fp16(args.use_fp16):
         model.convert_to_fp16()

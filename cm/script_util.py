@@ -10,6 +10,7 @@ from .random_util import GENERATORS
 from .resample import SCHEDULE_SAMPLERS
 from .samplers import SAMPLERS
 from .schedules import create_ema_and_scales_fn  # noqa: F401  (public path of the original)
+from .song_unet import song_unet_from_flags
 from .unet import UNetModel
 
 NUM_CLASSES = 10
@@ -22,6 +23,8 @@ CHANNEL_MULTS = {
     64: (1, 2, 3, 4),
     32: (1, 2, 2, 1),
 }
+
+ARCHS = ("adm", "ddpmpp", "ncsnpp")
 
 TRAINING_MODES = ("edm", "consistency_distillation", "consistency_training", "progdist")
 
@@ -48,6 +51,9 @@ def model_and_diffusion_defaults():
         use_new_attention_order=False,
         learn_sigma=False,
         weight_schedule="karras",
+        arch="adm",
+        augment_dim=0,
+        label_dropout=0.0,
     )
 
 
@@ -129,6 +135,9 @@ FLAG_HELP = {
     "use_new_attention_order": "accepted for compatibility; the qkv layout is fixed",
     "learn_sigma": "output 6 channels instead of 3 (unused by the Karras denoiser)",
     "weight_schedule": "loss weighting λ(σ): " + ", ".join(WEIGHT_SCHEDULES),
+    "arch": "network: adm (the original UNet), ddpmpp or ncsnpp (EDM's SongUNet configurations)",
+    "augment_dim": "ddpmpp/ncsnpp: size of the augmentation-label input map_augment (9 in EDM's CIFAR-10 models; 0: none)",
+    "label_dropout": "ddpmpp/ncsnpp: probability of zeroing a sample's class label in training",
     "data_dir": "folder of training images (jpg/jpeg/png/gif, class = file-name prefix before '_')",
     "schedule_sampler": "training noise-level sampler: " + ", ".join(SCHEDULE_SAMPLERS),
     "lr": "learning rate of RAdam",
@@ -169,6 +178,7 @@ FLAG_HELP = {
 }
 
 CHOICES = {
+    "arch": ARCHS,
     "weight_schedule": WEIGHT_SCHEDULES,
     "schedule_sampler": SCHEDULE_SAMPLERS,
     "training_mode": TRAINING_MODES,
@@ -218,8 +228,11 @@ def create_model_and_diffusion(
     distillation=False,
     loss_norm="lpips",
     lpips_path=None,
+    arch="adm",
+    augment_dim=0,
+    label_dropout=0.0,
 ):
-    """Build the UNet and its `KarrasDenoiser`. `loss_norm` reaches the denoiser."""
+    """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser."""
     model = create_model(
         image_size,
         num_channels,
@@ -237,6 +250,9 @@ def create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
+        arch=arch,
+        augment_dim=augment_dim,
+        label_dropout=label_dropout,
     )
     diffusion = KarrasDenoiser(
         sigma_data=0.5,
@@ -267,16 +283,33 @@ def create_model(
     resblock_updown=False,
     use_fp16=False,
     use_new_attention_order=False,
+    arch="adm",
+    augment_dim=0,
+    label_dropout=0.0,
 ):
-    """Build the UNet from flag values (float16 only when CUDA is present)."""
+    """Build the UNet (``arch`` adm) or EDM's SongUNet (ddpmpp/ncsnpp) from flag values.
+
+    float16 only when CUDA is present.
+    """
     mult = channel_mult_for(image_size, channel_mult)
     try:
-        attention_ds = [image_size // int(res) for res in attention_resolutions.split(",") if res]
+        attention_res = [int(res) for res in attention_resolutions.split(",") if res]
     except ValueError:
         raise ValueError(
             f"--attention_resolutions must be a comma list of integers, got {attention_resolutions!r}"
         ) from None
+    attention_ds = [image_size // res for res in attention_res]
     use_fp16 = resolve_use_fp16(use_fp16)
+    if arch != "adm":
+        if learn_sigma:
+            raise ValueError(f"--learn_sigma True needs --arch adm, got --arch {arch}")
+        return song_unet_from_flags(
+            arch, image_size, num_channels, mult, num_res_blocks, attention_res, dropout=dropout,
+            class_cond=class_cond, augment_dim=augment_dim, label_dropout=label_dropout,
+            use_fp16=use_fp16, num_classes=NUM_CLASSES,
+        )
+    if augment_dim or label_dropout:
+        raise ValueError("--augment_dim and --label_dropout need --arch ddpmpp or ncsnpp")
     model = UNetModel(
         image_size=image_size,
         in_channels=3,

@@ -18,7 +18,8 @@ import torch
 
 from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
-from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
+from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
+from cm.model_files import adopt_network_flags
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.script_util import (
     add_dict_to_argparser,
@@ -66,6 +67,10 @@ def main(argv=None):
         )
     if args.training_mode != "consistency_training" and not args.teacher_model_path:
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
+    # an EDM .pkl teacher fixes the architecture flags (teacher and student share it)
+    teacher_file = adopt_network_flags(args, "teacher_model_path", model_and_diffusion_defaults())
+    if teacher_file and teacher_file[1].get("training_mode", "edm") != "edm":  # JAX files do not say
+        raise UsageError(f"--teacher_model_path {args.teacher_model_path} is a consistency model, not an EDM teacher")
     ema_scale_fn = create_ema_and_scales_fn(
         target_ema_mode=args.target_ema_mode,
         start_ema=args.start_ema,
@@ -93,7 +98,8 @@ def main(argv=None):
     if args.teacher_model_path:
         teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
-        load_model_state(teacher_model, read_checkpoint(args.teacher_model_path), args.teacher_model_path)
+        teacher_state = teacher_file[0].state_dict() if teacher_file else read_checkpoint(args.teacher_model_path)
+        load_model_state(teacher_model, teacher_state, args.teacher_model_path)
         teacher_model.to(dist_util.dev())
 
     target_model = None

@@ -43,6 +43,8 @@ HELP = {
     "heun_steps": "noise levels of the teacher's Heun sampler (2n-1 evaluations)",
     "cm_steps": "length of the ρ-schedule that --two_step_ts indexes",
     "two_step_ts": "schedule indices of the two-step consistency sampler",
+    "edit_images": "held-out digits inpainted (right half) and super-resolved (x2) by the distilled model",
+    "edit_ts": "schedule indices (of --cm_steps) of the editing sampler",
     "classifier_epochs": "epochs of the judging classifier",
     "heldout_fraction": "fraction of the digits held out for evaluation",
     "log_interval": "steps between logged training rows",

@@ -13,11 +13,13 @@ import sys
 
 from cm import dist_util, logger
 from cm.cli import run_cli
+from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_sample_args,
     create_argparser,
     load_model_and_diffusion,
+    sample_flag_defaults,
     sample_images,
     save_samples,
 )
@@ -25,12 +27,14 @@ from cm.sample_util import (
 
 def main(argv=None):
     args = create_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
+    # a self-describing file (EDM .pkl) sets the network flags; a contradicting flag is an error
+    network = adopt_network_flags(args, "model_path", sample_flag_defaults(), SAMPLING_FLAGS)
     ts, class_labels = check_sample_args(args)
     resolve_speed_args(args)
 
     dist_util.setup_dist()
     # Everything that can fail on user input happens before the logging dir is created.
-    model, diffusion, prefix = load_model_and_diffusion(args)
+    model, diffusion, prefix = load_model_and_diffusion(args, state_dict=network and network[0].state_dict())
     logger.configure(dir=args.logging_dir or None)
     logger.save_args(args)
     if prefix:

@@ -15,6 +15,7 @@ import sys
 from cm import dist_util, logger
 from cm.cli import UsageError, run_cli
 from cm.fileio import write_atomic
+from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_common_args,
@@ -63,12 +64,14 @@ def check_search_args(args):
 def main(argv=None):
     parser = create_argparser(search_defaults(), description=__doc__.splitlines()[0], help=SEARCH_HELP)
     args = parser.parse_args(argv)
+    # a self-describing file (EDM .pkl, JAX/Flax checkpoint) sets the network flags; a contradicting flag is an error
+    network = adopt_network_flags(args, "model_path", search_defaults(), SAMPLING_FLAGS)
     class_labels, lo, hi = check_search_args(args)
     resolve_speed_args(args)
 
     dist_util.setup_dist()
     device = dist_util.dev()
-    model, diffusion, prefix = load_model_and_diffusion(args, device)
+    model, diffusion, prefix = load_model_and_diffusion(args, device, state_dict=network and network[0].state_dict())
     inception, ref = load_fid_reference(args.inception_path, args.ref, args.fid_batch_size, device)
     logger.configure(dir=args.logging_dir or None)
     logger.save_args(args)

@@ -173,8 +173,38 @@ def test_quick_run_results_json(quick_run):
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
-    assert set(results["commands"]) == {"edm_train", "cm_train", "sample_heun", "sample_onestep", "sample_twostep"}
+    assert set(results["commands"]) == {"edm_train", "cm_train", "sample_heun", "sample_onestep", "sample_twostep",
+                                        "edit_inpaint", "edit_superres"}  # fmt: skip
     assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"
     for name in ("edm_train", "cm_train", "sample_onestep"):
         assert "--precision=bf16" in results["commands"][name]
     assert results["timings_s"]["total"] > 0
+
+
+def test_quick_run_editing_panel(quick_run):
+    """Inpainting (right half) and super-resolution (x2) of held-out digits: files, rows, the kept parts."""
+    out, stdout, cfg = quick_run
+    n, s = cfg.edit_images, cfg.image_size
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["editing"]}
+    assert set(rows) == {"edit_inpaint_input", "edit_inpaint_result", "edit_superres_input", "edit_superres_result"}
+    for name, r in rows.items():
+        assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"]) and r["images"] == n
+        assert (r["nfe"] == len(cfg.edit_ts.split(",")) - 1) == name.endswith("result")
+        assert any(line.startswith(f"| {r['label']}") for line in stdout.splitlines()), r["label"]
+    with np.load(out / results["files"]["editing"]["inputs"]) as z:
+        inputs, truth = z["arr_0"], z["arr_1"]
+    assert inputs.shape == (n, s, s, 3) and truth.shape == (n,)
+    with np.load(out / results["files"]["editing"]["inpaint"]) as z:
+        np.testing.assert_array_equal(z["arr_1"], truth)
+        np.testing.assert_array_equal(z["arr_0"][:, :, : s // 2], inputs[:, :, : s // 2])  # the kept left half
+        assert (z["degraded"][:, :, s // 2 :] == 0).all()
+    with np.load(out / results["files"]["editing"]["superres"]) as z:
+        pool = lambda a: a.astype(float).reshape(n, s // 2, 2, s // 2, 2, 3).mean((2, 4))  # noqa: E731
+        res = z["arr_0"]
+        unclipped = pool((res > 0) & (res < 255)) == 1  # a block with a clipped pixel can move its mean
+        assert unclipped.mean() > 0.2
+        assert np.abs(pool(res) - pool(inputs))[unclipped].max() <= 1.0  # the 2x2 block means kept
+    with Image.open(out / "editing.png") as im:
+        assert im.mode == "RGB" and im.size[0] > im.size[1]
+    assert (out / "logs" / "edit_inpaint.log").stat().st_size > 0
