@@ -65,6 +65,16 @@ def randomise_zero_layers(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def model_inputs_reference():
+    """A tiny eval-mode UNet with informative outputs, inputs (x, t, y) and its float32 output."""
+    model, _ = tiny()
+    randomise_zero_layers(model)
+    model.eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        return model, (x, t, y), model(x, t, y=y)
+
+
 # ----------------------------------------------------------------------------
 # flags
 
@@ -103,12 +113,8 @@ def test_contradicting_flags_one_line_from_the_script(tmp_path):
 
 
 def test_bf16_output_matches_fp32_within_bf16_tolerance():
-    model, _ = tiny()
-    randomise_zero_layers(model)
-    model.eval()
-    x, t, y = inputs()
+    model, (x, t, y), ref = model_inputs_reference()
     with torch.no_grad():
-        ref = model(x, t, y=y)
         seen = {}
 
         def record(name):
@@ -214,12 +220,8 @@ def test_bf16_training_lowers_the_loss_and_saves_float32(tmp_path):
 
 
 def test_channels_last_matches_contiguous():
-    model, _ = tiny()
-    randomise_zero_layers(model)
-    model.eval()
-    x, t, y = inputs()
+    model, (x, t, y), ref = model_inputs_reference()
     with torch.no_grad():
-        ref = model(x, t, y=y)
         prepare_model(model, channels_last=True)
         assert model.out[-1].weight.is_contiguous(memory_format=torch.channels_last)
         out = model(x, t, y=y)
