@@ -55,13 +55,27 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"{category.__name__}: {message}\n"
 
 
+def _leave_group_together():
+    """After an error every rank agreed on: leave the process group together, so that no
+    rank's exit pulls the rendezvous store from under another (a stray C++ abort line)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (exiting anyway; the error line is already out)
+            pass
+
+
 def run_cli(main, argv=None):
     """Run a script's ``main(argv)`` and return its exit status.
 
     ValueError/OSError (bad flags, data, checkpoints, missing files) print
     ``<script>: error: <message>`` on one line and give status 1 (a
     `UsageError` only on rank 0, since every rank has it); set CM_TRACEBACK=1
-    to see the traceback instead. Warnings print as one line too.
+    to see the traceback instead. Warnings print as one line too. A lost
+    process (a peer that died, a collective that timed out) prints one line
+    and ends this process at once with status 1: shutting down a process
+    group or MPI with a dead peer can itself hang.
     """
     warnings.formatwarning = _one_line_warning
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "cm"
@@ -74,5 +88,16 @@ def run_cli(main, argv=None):
         if not isinstance(exc, UsageError) or dist_util.get_rank() == 0:
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        if isinstance(exc, UsageError):
+            _leave_group_together()
+        return 1
+    except RuntimeError as exc:
+        reason = dist_util.lost_process_reason(exc)
+        if reason is None or os.environ.get("CM_TRACEBACK"):
+            raise
+        sys.stdout.flush()
+        print(f"{prog}: error: process {dist_util.get_rank()}: {reason}", file=sys.stderr, flush=True)
+        if dist_util.is_distributed():
+            os._exit(1)
         return 1
     return 0

@@ -381,6 +381,7 @@ def edm_train_argv(cfg, data_dir, log_dir):
         f"--save_interval={cfg.edm_steps}",
         f"--log_interval={cfg.log_interval}",
         f"--seed={cfg.seed}",
+        "--random_flip=False",  # digits are not mirror-symmetric
     ]
 
 
@@ -406,6 +407,7 @@ def cm_train_argv(cfg, data_dir, log_dir, teacher_path):
         f"--loss_norm={cfg.loss_norm}",
         "--weight_schedule=uniform",
         f"--seed={cfg.seed + 1}",
+        "--random_flip=False",
     ]
 
 

@@ -14,8 +14,11 @@ Three ways to run a script, all supported:
   as they are; MPI is not touched (each torchrun worker is an MPI singleton).
 
 ``get_rank``/``get_world_size`` work before and without a process group.
-Collectives time out after ``CM_DIST_TIMEOUT_S`` seconds (default 1800), so a
-rank that stops answering turns into an error rather than a hang.
+Collectives time out after ``setup_dist(timeout=...)`` seconds (the training scripts'
+``--dist_timeout``, default 300), else ``CM_DIST_TIMEOUT_S``, else 1800 (sampling
+and evaluation scripts, whose rank 0 may write for a long while), so a rank that
+stops answering turns into an error rather than a hang; `lost_process_reason`
+recognises such errors (and a peer that died) for the one-line report.
 """
 
 import datetime
@@ -200,13 +203,22 @@ def _mpi_rendezvous(comm):
     os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
 
 
-def setup_dist(backend=None):
-    """Create the default process group (idempotent): NCCL on GPU, gloo on CPU."""
+def setup_dist(backend=None, timeout=None):
+    """Create the default process group (idempotent): NCCL on GPU, gloo on CPU.
+
+    ``timeout``: seconds (or a timedelta) a collective may wait for the other
+    ranks; None = `dist_timeout()`.
+    """
     if _group_ready():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = dist_timeout()
+    if timeout is None:
+        timeout = dist_timeout()
+    elif not isinstance(timeout, datetime.timedelta):
+        if not timeout > 0:
+            raise ValueError(f"--dist_timeout must be a positive number of seconds, got {timeout}")
+        timeout = datetime.timedelta(seconds=float(timeout))
     comm = _mpi_comm()
     if comm is not None and comm.Get_size() > 1:
         _install_mpi_excepthook(comm)
@@ -226,6 +238,41 @@ def setup_dist(backend=None):
             world_size=get_world_size(),
             timeout=timeout,
         )
+
+
+# Words in the errors of gloo/NCCL/the store when a peer died or stopped answering.
+_LOST_PEER_WORDS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "gloo",
+    "nccl",
+    "socket",
+)
+
+
+def lost_process_reason(exc):
+    """One line saying how the job lost a process, when ``exc`` is such an error; else None.
+
+    Two kinds: a collective that failed or timed out because another rank died
+    or stopped answering, and a data-loading worker killed under us (torchrun
+    terminates the survivors' process groups when one rank dies).
+    """
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = " ".join(str(exc).split())
+    lower = text.lower()
+    if "dataloader worker" in lower and ("killed by signal" in lower or "exited unexpectedly" in lower):
+        return f"a data-loading worker process died ({text[:300]}); rerun with --resume_checkpoint auto"
+    if not _group_ready() or dist.get_world_size() < 2:
+        return None
+    is_dist_error = isinstance(exc, getattr(dist, "DistError", ()))
+    if not (is_dist_error or any(w in lower for w in _LOST_PEER_WORDS)):
+        return None
+    what = "a collective timed out" if "time" in lower else "a process of the job died or closed its connection"
+    return f"lost contact with another process ({what}: {text[:300]}); rerun with --resume_checkpoint auto"
 
 
 def dev():

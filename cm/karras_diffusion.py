@@ -119,6 +119,12 @@ class KarrasDenoiser:
         diffusion = diffusion or self
         return lambda x, t: diffusion.denoise(model, x, t, **model_kwargs)[1]
 
+    @staticmethod
+    def _check_teacher(name, teacher_model, teacher_diffusion):
+        # the teacher's scalings are EDM's, not the student's boundary condition
+        if teacher_model is not None and teacher_diffusion is None:
+            raise ValueError(f"{name} got a teacher_model without its teacher_diffusion")
+
     def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
         """EDM denoising loss terms ("loss", "mse", "xs_mse") at the given σ per sample."""
         model_kwargs = model_kwargs or {}
@@ -149,6 +155,7 @@ class KarrasDenoiser:
         """
         if target_model is None:
             raise ValueError("consistency_losses needs a target_model")
+        self._check_teacher("consistency_losses", teacher_model, teacher_diffusion)
         model_kwargs = model_kwargs or {}
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -184,6 +191,7 @@ class KarrasDenoiser:
         """Progressive distillation loss terms: one student step matches two teacher steps."""
         if teacher_model is None:
             raise ValueError("progdist_losses needs a teacher_model")
+        self._check_teacher("progdist_losses", teacher_model, teacher_diffusion)
         model_kwargs = model_kwargs or {}
         if noise is None:
             noise = torch.randn_like(x_start)

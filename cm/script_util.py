@@ -74,6 +74,9 @@ def train_defaults():
         resume_checkpoint="",
         fp16_scale_growth=1e-3,
         logging_dir="",
+        max_bad_steps=20,
+        skip_bad_images=False,
+        dist_timeout=300.0,
     )
 
 
@@ -151,6 +154,9 @@ FLAG_HELP = {
     "save_interval": "steps between checkpoints",
     "resume_checkpoint": "modelNNNNNN.pt to resume from, or 'auto' for the latest in logging_dir",
     "fp16_scale_growth": "log2 growth of the dynamic loss scale per good fp16 step",
+    "max_bad_steps": "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)",
+    "skip_bad_images": "leave unreadable images out of the epoch with a warning instead of stopping",
+    "dist_timeout": "seconds a collective waits for the other processes before the run stops",
     "logging_dir": "directory for logs, checkpoints and samples (empty: $OPENAI_LOGDIR, else a new temp folder)",
     "teacher_model_path": "EDM teacher checkpoint (distillation; empty for consistency training)",
     "teacher_dropout": "dropout of the teacher network",

@@ -94,9 +94,13 @@ def fid_of(images, inception, ref, batch_size=100, device="cpu"):
     return fid
 
 
-def multistep_fid(model, diffusion, t, inception, ref, steps, fid_batch_size=100, device="cpu", **sample_kwargs):
-    """FID of samples from the multistep sampler with ts = 0, t, steps−1."""
+def multistep_fid(
+    model, diffusion, t, inception, ref, steps, fid_batch_size=100, device="cpu", begin=(0,), end=None,
+    **sample_kwargs,
+):
+    """FID of samples from the multistep sampler with ts = begin + (t,) + end (default 0, t, steps−1)."""
+    end = (steps - 1,) if end is None else tuple(end)
     images, _ = sample_images(
-        model, diffusion, sampler="multistep", ts=[0, t, steps - 1], steps=steps, device=device, **sample_kwargs
+        model, diffusion, sampler="multistep", ts=[*begin, t, *end], steps=steps, device=device, **sample_kwargs
     )
     return fid_of(images, inception, ref, fid_batch_size, device)

@@ -18,8 +18,8 @@ One step k (0-based) of either loop:
    loop also the target θ⁻ ← μ·θ⁻ + (1−μ)·θ with μ from ``ema_scale_fn(k)``.
 
 After it, ``loop.step`` = k+1 steps are done; checkpoints carry that number.
-In the consistency loop a skipped fp16 step is retried and does not count (as
-in the original); in the EDM loop it counts.
+A skipped fp16 step does not count and is retried on the same batch (the
+original also counts only taken steps, but draws a new batch).
 
 Resuming is bit-exact (tested on CPU: 4 straight steps and 2 + resume + 2
 give identical model, EMA, optimiser and target files) because nothing a step
@@ -32,7 +32,8 @@ total_training_steps (progressive N, adaptive μ) of course differ between
 runs given different totals.
 
 Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
-grad_norm, param_norm, lr, lg_loss_scale (fp16), step (index of the step just
+grad_norm, param_norm, lr, lg_loss_scale (fp16), bad_steps (non-fp16: steps
+skipped so far for a non-finite loss or gradient), step (index of the step just
 taken) and samples = (step+1)·global batch; the consistency loop adds
 num_scales and target_ema. Noise bins are FIXED quarters of the Karras
 ρ-ramp between σ_min and σ_max (the original's ``4·t/T`` quartile applied to
@@ -46,6 +47,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -54,18 +56,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim import RAdam
 from torch.utils.data import DataLoader
 
-from . import dist_util, image_datasets, logger
+from . import dist_util, faults, image_datasets, logger, run_metadata
 from .checkpoint import (
     CheckpointError,
     check_state_dict,
     checkpoint_filename,
-    find_latest_checkpoint,
     load_model_state,
     parse_resume_step,
     read_checkpoint,
-    save_atomic,
     strip_wrapper_prefix,
 )
+from .cli import UsageError, on_all_ranks
 from .fp16_util import (
     MixedPrecisionTrainer,
     master_params_to_model_params,
@@ -73,6 +74,7 @@ from .fp16_util import (
 )
 from .nn import update_ema
 from .precision import resolve_precision, wrap as precision_wrap
+from .opt_layout import is_original_fp16_layout, to_per_parameter
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
 
@@ -116,7 +118,8 @@ def per_rank_batch_size(global_batch_size, batch_size, world_size):
         raise ValueError(f"--batch_size must be positive or -1, got {batch_size}")
     per_rank = global_batch_size // world_size
     if per_rank < 1:
-        raise ValueError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
+        # every rank has it: a UsageError, printed once
+        raise UsageError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
     note = None
     if global_batch_size % world_size:
         note = (
@@ -184,12 +187,21 @@ def _broadcast_object(obj):
 # Data whose batch k depends only on (seed, rank, k)
 
 
+class _PartlyBad:
+    """A batch some of whose files failed to decode: the collated rest (or None) and the failures."""
+
+    def __init__(self, good, bad):
+        self.good = good
+        self.bad = bad
+
+
 def _collate(items):
-    """Default collation; a sample that failed to decode is passed on as it is."""
-    for item in items:
-        if not isinstance(item, tuple):
-            return item
-    return tuple(torch.utils.data.default_collate(items))
+    """Default collation; samples that failed to decode are set aside in a `_PartlyBad`."""
+    good = [item for item in items if isinstance(item, tuple)]
+    if len(good) == len(items):
+        return tuple(torch.utils.data.default_collate(items))
+    bad = [item for item in items if not isinstance(item, tuple)]
+    return _PartlyBad(tuple(torch.utils.data.default_collate(good)) if good else None, bad)
 
 
 class _StepBatchSampler:
@@ -215,9 +227,13 @@ class StepBatches:
     generator seeded by (seed, rank, k). ``seek(k)`` makes the next batch batch
     k, which is how a resumed run continues exactly where it stopped.
     ``dataset`` is an `image_datasets.ImageDataset` built without random flips.
+    Images are decoded when their batch is due: an unreadable one is a one-line
+    DataError naming it, or with ``skip_bad_images`` a warning, and the batch
+    goes on without it.
     """
 
-    def __init__(self, dataset, batch_size, seed=0, rank=None, random_flip=True, num_workers=1):
+    def __init__(self, dataset, batch_size, seed=0, rank=None, random_flip=True, num_workers=1,
+                 skip_bad_images=False):
         if len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images in this shard, fewer than the batch size {batch_size}")
         self.dataset = dataset
@@ -226,6 +242,7 @@ class StepBatches:
         self.rank = dist_util.get_rank() if rank is None else rank
         self.random_flip = random_flip
         self.num_workers = num_workers
+        self.skip_bad_images = skip_bad_images
         self.steps_per_epoch = len(dataset) // batch_size
         self._step = 0
         self._iter = None
@@ -248,6 +265,17 @@ class StepBatches:
     def __iter__(self):
         return self
 
+    def _without_bad_images(self, batch):
+        """The readable part of a batch, or a DataError naming the first unreadable file."""
+        first = batch.bad[0]
+        if not self.skip_bad_images:
+            raise image_datasets.DataError(f"cannot read image {first.path}: {first.reason}")
+        for item in batch.bad:
+            warnings.warn(f"--skip_bad_images: leaving out unreadable image {item.path} ({item.reason})", stacklevel=3)
+        if batch.good is None:
+            raise image_datasets.DataError(f"every image of batch {self._step} is unreadable, e.g. {first.path}")
+        return batch.good
+
     def __next__(self):
         if self._iter is None:
             loader = DataLoader(
@@ -258,8 +286,8 @@ class StepBatches:
             )
             self._iter = iter(loader)
         batch = next(self._iter)
-        if not isinstance(batch, tuple):
-            raise image_datasets.DataError(f"cannot read image {batch.path}: {batch.reason}")
+        if isinstance(batch, _PartlyBad):
+            batch = self._without_bad_images(batch)
         images, cond = batch
         if self.random_flip:
             g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, self._step, _SEED_FLIPS))
@@ -269,11 +297,15 @@ class StepBatches:
         return images, cond
 
 
-def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, seed=0, random_flip=True, num_workers=1):
+def load_training_data(
+    *, data_dir, batch_size, image_size, class_cond=False, seed=0, random_flip=True, num_workers=1,
+    skip_bad_images=False,
+):
     """This rank's training batches as `StepBatches`, after `image_datasets.load_data`'s checks.
 
     The folder is validated by ``load_data`` itself (same one-line DataErrors);
     its files, classes, sharding and preprocessing are reused as they are.
+    Images are not opened up front (50k files): each is decoded when first due.
     """
     image_datasets.load_data(
         data_dir=data_dir,
@@ -281,6 +313,7 @@ def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, se
         image_size=image_size,
         class_cond=class_cond,
         num_workers=0,
+        check_images=False,
     )
     files = image_datasets.list_image_files(data_dir)
     classes = image_datasets.class_ids(files) if class_cond else None
@@ -292,7 +325,10 @@ def load_training_data(*, data_dir, batch_size, image_size, class_cond=False, se
         num_shards=dist_util.get_world_size(),
         random_flip=False,
     )
-    return StepBatches(dataset, batch_size, seed=seed, random_flip=random_flip, num_workers=num_workers)
+    return StepBatches(
+        dataset, batch_size, seed=seed, random_flip=random_flip, num_workers=num_workers,
+        skip_bad_images=skip_bad_images,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -366,6 +402,8 @@ class TrainLoop:
         logging_dir=None,
         seed=None,
         precision=None,
+        max_bad_steps=20,
+        run_flags=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -393,11 +431,18 @@ class TrainLoop:
         self.global_batch = batch_size * self.world_size
         self.step = 0
         self._saved_step = None
+        self.bad_steps = faults.BadStepGuard(max_bad_steps)
+        self._nan_steps = faults.injected_nan_steps()
+        self.run_flags = run_flags
+        self._weights_only = False  # resumed from a file that is not modelNNNNNN.pt
 
         # bf16: autocast network calls over float32 weights (cm.precision); None = from use_fp16
         self.precision = resolve_precision(precision, use_fp16)
         use_fp16 = self.precision == "fp16"
         self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
+        self._last_checkpoint = self.resume_checkpoint
+        if self.rank == 0 and self.resume_checkpoint:
+            run_metadata.warn_changed_flags(self.resume_checkpoint, run_flags, self.world_size)
         self._load_model()
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
@@ -411,10 +456,12 @@ class TrainLoop:
 
     # --- construction -----------------------------------------------------
     def _resolve_resume(self, resume_checkpoint):
-        """The model file to resume from, or None; "auto" = latest complete one in logging_dir."""
+        """The model file to resume from, or None; "auto" = newest usable set in logging_dir."""
         if resume_checkpoint != "auto":
             return resume_checkpoint or None
-        path = find_latest_checkpoint(self.logging_dir) if self.rank == 0 else None
+        path = None
+        if self.rank == 0:
+            path = faults.newest_usable_checkpoint(self.logging_dir, self.ema_rate, self._extra_checkpoint_kinds())
         path = _broadcast_object(path)
         if path is None:
             logger.log(f"--resume_checkpoint auto: no checkpoint in {self.logging_dir}; starting from scratch")
@@ -426,7 +473,15 @@ class TrainLoop:
     def _load_model(self):
         self._initial_weights()
         if self.resume_checkpoint:
-            self.step = parse_resume_step(self.resume_checkpoint)
+            try:
+                self.step = parse_resume_step(self.resume_checkpoint)
+            except CheckpointError:
+                # the original's parse_resume_step_from_filename: any other name (an EMA file) is step 0
+                self._weights_only = True
+                logger.log(
+                    f"WARNING: --resume_checkpoint {self.resume_checkpoint} is not a modelNNNNNN.pt file: "
+                    "its weights initialise the model at step 0; no EMA, optimiser or target file is loaded"
+                )
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}")
             state = read_checkpoint(self.resume_checkpoint)
             load_model_state(self.model, state, self.resume_checkpoint)
@@ -435,7 +490,7 @@ class TrainLoop:
 
     def _sibling(self, kind, rate=None):
         """(path, state) of a part of the resumed checkpoint, or None when absent."""
-        if not self.resume_checkpoint:
+        if not self.resume_checkpoint or self._weights_only:
             return None
         name = checkpoint_filename(kind, self.step, rate)
         path = os.path.join(os.path.dirname(self.resume_checkpoint), name)
@@ -469,6 +524,10 @@ class TrainLoop:
         path, state = found
         state = dict(state)
         lg_loss_scale = state.pop("lg_loss_scale", None)
+        shapes = [tuple(p.shape) for p in self.model.parameters()]
+        if is_original_fp16_layout(state, shapes):
+            logger.log(f"{path}: the original's float16 layout (two flat master tensors); split per parameter")
+            state = to_per_parameter(state, shapes)
         self._check_optimizer_state(path, state)
         try:
             self.opt.load_state_dict(state)
@@ -501,6 +560,10 @@ class TrainLoop:
 
     def _setup_networks(self):
         """Hook: load/prepare the other networks once the model and optimiser exist."""
+
+    def _extra_checkpoint_kinds(self):
+        """Hook: kinds of the files `_extra_checkpoint_files` writes (a resumable set needs them)."""
+        return ()
 
     def _wrap_model(self):
         if not _distributed():
@@ -536,7 +599,9 @@ class TrainLoop:
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 if self.step != before:
-                    if self.save_interval > 0 and self.step % self.save_interval == 0:
+                    # no periodic save amid non-finite steps: the last good set stays the newest
+                    due = self.save_interval > 0 and self.step % self.save_interval == 0
+                    if due and not self.bad_steps.in_a_row:
                         self.save()
                     if self.step % self.log_interval == 0:
                         logger.dumpkvs()
@@ -566,12 +631,41 @@ class TrainLoop:
         self._seed_step()
         self._set_lr()
         self.forward_backward(batch, cond)
+        if self._skip_bad_step():
+            self.log_step()
+            self.step += 1
+            return False
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
             self._update_ema()
         self.log_step()
-        self.step += 1
+        if took_step:  # as in the original, a skipped fp16 step does not count
+            self.step += 1
+        elif hasattr(self.data, "seek"):
+            self.data.seek(self.step)  # retry the same step on the same batch
         return took_step
+
+    def _backward(self, loss):
+        """Backward of ``loss`` (NaN on the steps of the test switch CM_INJECT_NAN_STEPS)."""
+        self.mp_trainer.backward(faults.maybe_inject_nan(loss, self.step, self._nan_steps))
+
+    def _skip_bad_step(self):
+        """True when this step's gradients are not finite: they are dropped and the step counted.
+
+        fp16 keeps its own loss-scale logic. Raises faults.TrainingStopped after
+        max_bad_steps such steps in a row.
+        """
+        if self.mp_trainer.loss_scaling:
+            return False
+        if faults.grads_finite(self.mp_trainer.master_params):
+            self.bad_steps.good()
+            logger.logkv("bad_steps", self.bad_steps.total)
+            return False
+        self.mp_trainer.zero_grad()
+        logger.log(f"step {self.step}: loss or gradients not finite; step skipped")
+        logger.logkv("bad_steps", self.bad_steps.total + 1)
+        self.bad_steps.bad(self.step, self._last_checkpoint)
+        return True
 
     def _micro_batches(self, batch, cond):
         """(slice, is_last) over the batch in micro-batch pieces."""
@@ -618,7 +712,7 @@ class TrainLoop:
                     model_kwargs={k: v[part] for k, v in cond.items()},
                     noise=noise[part],
                 )
-                self.mp_trainer.backward((losses["loss"] * weights[part]).sum() / n)
+                self._backward((losses["loss"] * weights[part]).sum() / n)
             log_loss_dict(self.diffusion, sigmas[part], {k: v * weights[part] for k, v in losses.items()})
             batch_losses.append(losses["loss"].detach())
         if isinstance(self.schedule_sampler, LossAwareSampler):
@@ -656,17 +750,30 @@ class TrainLoop:
         return files
 
     def save(self):
-        """Write the checkpoint of the current step (rank 0; each file atomically, model last)."""
-        if self.rank == 0:
-            directory = self.checkpoint_dir()
+        """Write the checkpoint set of the current step on rank 0, agreed by every rank.
+
+        Each file is serialised, then written atomically, model file last, with
+        ``metaNNNNNN.json`` beside it; a failure on rank 0 (disk full, ...)
+        removes the new set's files and raises the same one-line error on
+        every rank, leaving the previous set the newest complete one.
+        """
+        directory = self.checkpoint_dir()
+
+        def write():
+            if self.rank != 0:
+                return
             if directory is None:
                 raise ValueError("no logging directory to save checkpoints in (call logger.configure first)")
-            os.makedirs(directory, exist_ok=True)
-            for name, state in self.checkpoint_state():
-                save_atomic(state, os.path.join(directory, name))
+            files = self.checkpoint_state()
+            meta = run_metadata.metadata_bytes(self.step, self.run_flags, self.world_size)
+            files.insert(len(files) - 1, (run_metadata.metadata_filename(self.step), meta))
+            faults.write_checkpoint_set(directory, files)
             logger.log(f"saved checkpoint of step {self.step} in {directory}")
-        dist_util.barrier()
+
+        on_all_ranks(write)
         self._saved_step = self.step
+        if directory is not None:
+            self._last_checkpoint = os.path.join(directory, checkpoint_filename("model", self.step))
 
 
 # ----------------------------------------------------------------------------
@@ -710,6 +817,15 @@ class CMTrainLoop(TrainLoop):
         self.ema_scale_fn = ema_scale_fn
         self.target_master_params = None
         super().__init__(total_training_steps=total_training_steps, **kwargs)
+        if self.lr_anneal_steps and self.lr_anneal_steps < total_training_steps:
+            logger.log(
+                f"WARNING: --lr_anneal_steps {self.lr_anneal_steps} < --total_training_steps "
+                f"{total_training_steps}: the lr is 0 from step {self.lr_anneal_steps} on"
+            )
+
+    def finished(self):
+        """True once total_training_steps steps are done (SPEC §8; lr_anneal_steps only decays the lr)."""
+        return self.step >= self.total_training_steps
 
     def _initial_weights(self):
         if self.teacher_model is not None and not self.resume_checkpoint:
@@ -746,10 +862,14 @@ class CMTrainLoop(TrainLoop):
 
     def run_step(self, batch, cond):
         self._seed_step()
-        self._set_lr()
         if self.training_mode == "progdist":
             self._maybe_next_progdist_stage()
+        self._set_lr()  # after a stage change, so its fresh optimiser runs at the logged, annealed lr
         self.forward_backward(batch, cond)
+        if self._skip_bad_step():  # a non-finite step is not retried: the same batch would repeat it
+            self.log_step()
+            self.step += 1
+            return False
         took_step = self.mp_trainer.optimize(self.opt)
         self.log_step()
         if took_step:
@@ -804,7 +924,7 @@ class CMTrainLoop(TrainLoop):
                         teacher_model=self._net(self.teacher_model) if distill else None,
                         teacher_diffusion=self.teacher_diffusion if distill else None,
                     )
-                self.mp_trainer.backward(losses["loss"].sum() / n)
+                self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
         logger.logkv("num_scales", num_scales)
         logger.logkv("target_ema", target_ema)
@@ -814,6 +934,10 @@ class CMTrainLoop(TrainLoop):
         update_ema(self.target_master_params, self.mp_trainer.master_params, rate=target_ema)
         if self.mp_trainer.loss_scaling:
             master_params_to_model_params(list(self.target_model.parameters()), self.target_master_params)
+
+    def _extra_checkpoint_kinds(self):
+        kinds = ["target_model"] if self.target_model is not None else []
+        return tuple(kinds + (["teacher_model"] if self.training_mode == "progdist" else []))
 
     def _extra_checkpoint_files(self):
         files = []

@@ -38,9 +38,10 @@ from cm.train_util import (
 )
 
 HELP = {
-    "schedule_sampler": "unused here (the consistency losses draw their own noise levels); kept so the "
-    "original's commands run",
+    "schedule_sampler": "only uniform: the consistency losses draw their own noise levels (the original "
+    "accepted and ignored other samplers); kept so the original's commands run",
     "lpips_path": "LPIPS weights file for --loss_norm lpips (empty: $CM_LPIPS_PATH)",
+    "random_flip": "flip training images left-right with probability 1/2 (the original's load_data default)",
     "seed": "seed of the initial weights and of the per-(rank, step) noise, dropout and data order; "
     "makes a resumed run continue exactly",
 }
@@ -50,7 +51,7 @@ def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
     defaults.update(cm_train_defaults())
-    defaults.update(lpips_path="", seed=0)
+    defaults.update(lpips_path="", seed=0, random_flip=True)
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
     add_speed_flags(parser)
@@ -64,6 +65,11 @@ def main(argv=None):
         raise ValueError(
             f"--training_mode {args.training_mode} is not trained by cm_train.py; "
             f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
+        )
+    if args.schedule_sampler != "uniform":
+        raise ValueError(
+            f"--schedule_sampler {args.schedule_sampler} is not used by cm_train.py: the consistency losses draw "
+            "their own noise levels (the original ignored it); leave it at uniform"
         )
     if args.training_mode != "consistency_training" and not args.teacher_model_path:
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
@@ -83,7 +89,7 @@ def main(argv=None):
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
 
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
     # consistency models use the boundary-condition scalings; progdist students are EDM denoisers
@@ -119,6 +125,8 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             seed=args.seed,
+            skip_bad_images=args.skip_bad_images,
+            random_flip=args.random_flip,
         )
     )
     loop = CMTrainLoop(
@@ -145,6 +153,8 @@ def main(argv=None):
         logging_dir=log_dir,
         seed=args.seed,
         precision=args.precision,
+        max_bad_steps=args.max_bad_steps,
+        run_flags=vars(args),
     )
 
     logger.configure(dir=log_dir)

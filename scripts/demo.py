@@ -16,6 +16,7 @@ try:
 except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cm.cli import OneLineArgumentParser
 from cm.demo import DemoConfig, DemoError, default_config, quick_config, run_demo
 from cm.precision import PRECISIONS
 
@@ -54,9 +55,9 @@ HELP = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny preset for CI: runs every stage in about a minute")
     for field in dataclasses.fields(DemoConfig):

@@ -31,6 +31,7 @@ HELP = {
     "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
     "(importance sampling over the 40-point Karras grid); uniform is refused",
     "total_training_steps": "stop after this many steps (0: no limit besides --lr_anneal_steps)",
+    "random_flip": "flip training images left-right with probability 1/2 (the original's load_data default)",
     "seed": "seed of the initial weights and of the per-(rank, step) noise, dropout and data order; "
     "makes a resumed run continue exactly",
 }
@@ -39,7 +40,7 @@ HELP = {
 def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
-    defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0)
+    defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0, random_flip=True)
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
     add_speed_flags(parser)
@@ -57,7 +58,7 @@ def main(argv=None):
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
 
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
@@ -72,6 +73,8 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             seed=args.seed,
+            skip_bad_images=args.skip_bad_images,
+            random_flip=args.random_flip,
         )
     )
     loop = TrainLoop(
@@ -94,6 +97,8 @@ def main(argv=None):
         logging_dir=log_dir,
         seed=args.seed,
         precision=args.precision,
+        max_bad_steps=args.max_bad_steps,
+        run_flags=vars(args),
     )
 
     logger.configure(dir=log_dir)

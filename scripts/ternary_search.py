@@ -1,4 +1,4 @@
-"""Find the middle index t of the 2-step consistency schedule ts = 0,t,steps-1 with the lowest FID.
+"""Find the middle index t of the consistency schedule ts = 0,t,steps-1 (or --begin,t,--end) with the lowest FID.
 
   python scripts/ternary_search.py --model_path cd_cifar10.pt --training_mode consistency_distillation \\
       --image_size 32 --class_cond True ... --steps 40 --num_samples 50000 --batch_size 500 \\
@@ -33,6 +33,9 @@ SEARCH_HELP = {
     "fid_batch_size": "images per Inception forward pass",
     "search_min": "smallest middle index t to try",
     "search_max": "largest middle index t to try (-1: steps-1)",
+    "begin": "the original's flag: comma list of the schedule indices before t (empty: 0); t starts at its last",
+    "end": "the original's flag: comma list of the schedule indices after t (empty: steps-1); t ends at its first",
+    "ref_batch": "the original's name for --ref",
 }
 
 
@@ -41,24 +44,55 @@ def search_defaults():
     defaults = {k: v for k, v in sample_flag_defaults().items() if k not in UNUSED_SAMPLE_FLAGS}
     defaults["training_mode"] = "consistency_distillation"
     defaults.update(ref="", inception_path="", fid_batch_size=100, search_min=0, search_max=-1)
+    defaults.update(begin="", end="", ref_batch="")
     return defaults
 
 
+def index_list(flag, text, steps):
+    """Strictly increasing schedule indices in [0, steps-1] from a comma list."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--{flag} must be a comma list of integers, got {text!r}") from None
+    if any(not 0 <= v <= steps - 1 for v in values) or any(a >= b for a, b in zip(values, values[1:])):
+        raise UsageError(f"--{flag} must be increasing indices in [0, steps-1 = {steps - 1}], got {text!r}")
+    return values
+
+
+def schedule_ends(args):
+    """(begin, end, lo, hi): ts = begin + (t,) + end for t in [lo, hi] (the original's --begin/--end)."""
+    if args.ref_batch:
+        if args.ref and args.ref != args.ref_batch:
+            raise UsageError("--ref and --ref_batch (its old name) name different files; give one")
+        args.ref = args.ref_batch
+    begin = index_list("begin", args.begin or "0", args.steps)
+    end = index_list("end", args.end or str(args.steps - 1), args.steps)
+    if not (args.begin or args.end):
+        return begin, end, None, None
+    if (args.search_min, args.search_max) != (0, -1):
+        raise UsageError("--begin/--end and --search_min/--search_max both set the range of t; give one pair")
+    if begin[-1] > end[0]:
+        raise UsageError(f"--begin's last index {begin[-1]} is after --end's first {end[0]}")
+    return begin, end, begin[-1], end[0]
+
+
 def check_search_args(args):
-    """Validate; returns (class labels or None, lo, hi)."""
+    """Validate; returns (class labels or None, lo, hi, begin, end)."""
     class_labels = check_common_args(args)
+    begin, end, lo, hi = schedule_ends(args)
     if not args.ref:
         raise UsageError("--ref is required: reference statistics, images .npz or image folder for FID")
     if args.num_samples < 2:
         raise UsageError(f"--num_samples must be at least 2 for FID, got {args.num_samples}")
     if args.fid_batch_size < 1:
         raise UsageError(f"--fid_batch_size must be positive, got {args.fid_batch_size}")
-    lo, hi = args.search_min, args.steps - 1 if args.search_max == -1 else args.search_max
+    if lo is None:
+        lo, hi = args.search_min, args.steps - 1 if args.search_max == -1 else args.search_max
     if not 0 <= lo <= hi <= args.steps - 1:
         raise UsageError(
             f"--search_min/--search_max must satisfy 0 <= min <= max <= steps-1 = {args.steps - 1}, got [{lo}, {hi}]"
         )
-    return class_labels, lo, hi
+    return class_labels, lo, hi, begin, end
 
 
 def main(argv=None):
@@ -66,7 +100,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # a self-describing file (EDM .pkl, JAX/Flax checkpoint) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", search_defaults(), SAMPLING_FLAGS)
-    class_labels, lo, hi = check_search_args(args)
+    class_labels, lo, hi, begin, end = check_search_args(args)
     resolve_speed_args(args)
 
     dist_util.setup_dist()
@@ -78,7 +112,7 @@ def main(argv=None):
     if prefix:
         logger.log(f"checkpoint keys carry the wrapper prefix {prefix!r}; stripped it")
 
-    last = args.steps - 1
+    head, tail = ",".join(map(str, begin)), ",".join(map(str, end))
 
     def fid_at(t):
         fid = multistep_fid(
@@ -100,20 +134,22 @@ def main(argv=None):
             clip_denoised=args.clip_denoised,
             sigma_min=args.sigma_min,
             sigma_max=args.sigma_max,
+            begin=begin,
+            end=end,
         )
-        logger.log(f"ts=0,{t},{last}: FID {fid:.4f}")
+        logger.log(f"ts={head},{t},{tail}: FID {fid:.4f}")
         logger.logkv("t", t)
         logger.logkv("fid", fid)
         logger.dumpkvs()
         return fid
 
-    logger.log(f"ternary search of t in [{lo}, {hi}] for ts=0,t,{last} ({args.num_samples} samples per FID)")
+    logger.log(f"ternary search of t in [{lo}, {hi}] for ts={head},t,{tail} ({args.num_samples} samples per FID)")
     best, best_fid, evaluations = ternary_search(fid_at, lo, hi)
-    logger.log(f"best: ts=0,{best},{last} with FID {best_fid:.4f} after {len(evaluations)} evaluations")
+    logger.log(f"best: ts={head},{best},{tail} with FID {best_fid:.4f} after {len(evaluations)} evaluations")
     if dist_util.get_rank() == 0:
         result = {
             "best_t": best,
-            "best_ts": f"0,{best},{last}",
+            "best_ts": f"{head},{best},{tail}",
             "best_fid": best_fid,
             "steps": args.steps,
             "num_samples": args.num_samples,

@@ -9,7 +9,6 @@ with a timeout, so a hang fails the test instead of stalling the suite.
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -19,12 +18,13 @@ import pytest
 import torch
 
 from cm import dist_util
+from launchers import MPIEXEC
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 JOB_TIMEOUT_S = 120
-HAVE_MPIEXEC = shutil.which("mpiexec") is not None
+HAVE_MPIEXEC = MPIEXEC is not None
 
-needs_mpiexec = pytest.mark.skipif(not HAVE_MPIEXEC, reason="mpiexec not on PATH")
+needs_mpiexec = pytest.mark.skipif(not HAVE_MPIEXEC, reason="mpiexec neither on PATH nor next to sys.executable")
 
 STATE = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
 
@@ -42,7 +42,7 @@ def _clean_env(tmp_path, **extra):
 def _launch(launcher, nproc, script):
     """Command line starting ``script`` under ``launcher`` ("mpi", "torchrun", "plain")."""
     if launcher == "mpi":
-        return ["mpiexec", "-n", str(nproc), sys.executable, str(script)]
+        return [MPIEXEC, "-n", str(nproc), sys.executable, str(script)]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
     return [sys.executable, str(script)]

@@ -8,7 +8,6 @@ mpiexec rank does, so all of them execute the same float kernels.
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 import golden
+from launchers import MPIEXEC
 from cm.checkpoint import strip_wrapper_prefix
 from cm.cli import UsageError
 from cm.karras_diffusion import karras_sample
@@ -43,7 +43,7 @@ from cm.script_util import create_model, create_model_and_diffusion, model_and_d
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "image_sample.py"
 JOB_TIMEOUT_S = 400
-HAVE_MPIEXEC = shutil.which("mpiexec") is not None
+HAVE_MPIEXEC = MPIEXEC is not None
 
 UNET_A = golden.load_cases()["configs"]["unet_a"]
 GOLDEN_FLAGS = [
@@ -84,7 +84,7 @@ class Job:
         self.out = Path(tmp) / "out"
         prefix = {
             "plain": [sys.executable],
-            "mpi": ["mpiexec", "-n", "2", sys.executable],
+            "mpi": [MPIEXEC, "-n", "2", sys.executable],
             "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
         }[launcher]
         self.cmd = prefix + [str(SCRIPT), *map(str, args), "--logging_dir", str(self.out)]

@@ -1,9 +1,11 @@
 """cm.ternary.ternary_search on known functions, and scripts/ternary_search.py end to end."""
 
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cm import logger
 from cm.evaluation import save_stats
 from cm.inception import FIDInceptionV3
 from cm.script_util import create_model
@@ -183,3 +186,55 @@ def test_script_errors_are_one_line(files):
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "FID Inception weights not found" in lines[0], r.stderr
     assert not (files / "bad").exists()
+
+
+# ----------------------------------------------------------------------------
+# The original's --begin / --end / --ref_batch
+
+
+def load_search_script():
+    spec = importlib.util.spec_from_file_location("_ternary_search", ROOT / "scripts" / "ternary_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_original_begin_end_ref_batch_flags(monkeypatch, tmp_path):
+    script = load_search_script()
+    calls = []
+
+    def fake_fid(model, diffusion, t, inception, ref, steps, begin, end, **kw):
+        calls.append((ref, (*begin, t, *end)))
+        return (t - 6) ** 2 + 1.0
+
+    monkeypatch.setattr(script, "load_model_and_diffusion", lambda args, device, **kw: (None, None, ""))
+    monkeypatch.setattr(script, "load_fid_reference", lambda path, ref, *a: (None, ref))
+    monkeypatch.setattr(script, "multistep_fid", fake_fid)
+    try:
+        script.main(["--model_path", "m.pt", "--begin", "0,2", "--end", "11,17", "--ref_batch", "ref.npz",
+                     "--steps", "18", "--num_samples", "4", "--logging_dir", str(tmp_path)])  # fmt: skip
+    finally:
+        logger.reset()  # main() configured the process-wide logger on pytest's captured stdout
+    ts = [c[1] for c in calls]
+    assert all(t[:2] == (0, 2) and t[3:] == (11, 17) and 2 <= t[2] <= 11 for t in ts)
+    assert {c[0] for c in calls} == {"ref.npz"}
+    res = json.loads((tmp_path / "ternary_search.json").read_text())
+    assert res["best_t"] == 6 and res["best_ts"] == "0,2,6,11,17" and res["search_range"] == [2, 11]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--begin", "0,x"], "--begin must be a comma list of integers, got '0,x'"),
+        (["--end", "5,3"], "--end must be increasing indices in [0, steps-1 = 9], got '5,3'"),
+        (["--begin", "0,6", "--end", "4"], "--begin's last index 6 is after --end's first 4"),
+        (["--begin", "0", "--search_min", "2"], "--begin/--end and --search_min/--search_max both set"),
+        (["--ref_batch", "a.npz"], "--ref and --ref_batch (its old name) name different files"),
+    ],
+)
+def test_begin_end_errors_are_one_line(tmp_path, flags, message):
+    script = load_search_script()
+    parser = script.create_argparser(script.search_defaults())
+    args = parser.parse_args(["--model_path", "m.pt", "--ref", "r.npz", "--steps", "10", *flags])
+    with pytest.raises(script.UsageError, match=re.escape(message)):
+        script.check_search_args(args)

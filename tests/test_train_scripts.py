@@ -21,6 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from launchers import MPIEXEC
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 DUMP = os.path.join(ROOT, "tests", "train_scripts", "run_and_dump.py")
@@ -57,18 +59,23 @@ def command_argv(line):
     return argv
 
 
-def readme_commands():
-    """{script: argv} of the README's training commands; the brief's copies where it has none."""
+def readme_commands(path=os.path.join(ROOT, "README.md")):
+    """{script: argv} of the training commands in the README (none when it has none)."""
     found = {}
-    path = os.path.join(ROOT, "README.md")
-    if os.path.exists(path):
-        for line in open(path).read().replace("\\\n", " ").splitlines():
-            if re.search(r"(edm|cm)_train\.py --", line):
-                argv = command_argv(line)
-                found.setdefault(argv[0], argv)
-    for name, line in BRIEF_COMMANDS.items():
-        found.setdefault(name, command_argv(line))
+    for line in open(path).read().replace("\\\n", " ").splitlines():
+        if re.match(r"\s*(mpiexec|torchrun|python)\b.*(edm|cm)_train\.py --", line):
+            argv = command_argv(line)
+            found.setdefault(argv[0], argv)
     return found
+
+
+def check_readme_commands(path=os.path.join(ROOT, "README.md")):
+    """The README holds both training commands, and they are the original's up to paths."""
+    found = readme_commands(path)
+    placeholders = {flag[2:]: "PATH" for flag in PATH_FLAGS}
+    for name, line in BRIEF_COMMANDS.items():
+        assert name in found, f"{path} lost its {name} command"
+        assert with_paths(found[name], **placeholders) == with_paths(command_argv(line), **placeholders)
 
 
 def with_paths(argv, **paths):
@@ -213,11 +220,15 @@ def test_readme_distillation_command_starts_from_the_edm_checkpoint(edm_run, dig
     assert 0 < max(diffs) < 1e-3
 
 
-def test_readme_commands_are_the_originals_up_to_paths():
-    assert os.path.exists(os.path.join(ROOT, "README.md"))
-    placeholders = {flag[2:]: "PATH" for flag in PATH_FLAGS}
-    for name, line in BRIEF_COMMANDS.items():
-        assert with_paths(readme_commands()[name], **placeholders) == with_paths(command_argv(line), **placeholders)
+def test_readme_commands_are_the_originals_up_to_paths(tmp_path):
+    check_readme_commands()
+    # the check fails when the README loses a command
+    text = open(os.path.join(ROOT, "README.md")).read()
+    for name in BRIEF_COMMANDS:
+        stripped = tmp_path / f"README_without_{name}.md"
+        stripped.write_text("\n".join(line for line in text.splitlines() if name not in line))
+        with pytest.raises(AssertionError, match=f"lost its {name} command"):
+            check_readme_commands(str(stripped))
 
 
 # ----------------------------------------------------------------------------
@@ -441,7 +452,7 @@ def two_process_run(launcher, out_dir, log_dir, digits_dir, **env_extra):
     flags = shlex.split(f"{SMALL} --data_dir {digits_dir} --global_batch_size 4 --total_training_steps 3 "
                         f"--save_interval 3 --logging_dir {log_dir}")
     if launcher == "mpiexec":
-        prefix = ["mpiexec", "-n", "2", sys.executable]
+        prefix = [MPIEXEC, "-n", "2", sys.executable]
     else:  # torchrun
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = prefix + [DUMP, str(out_dir), "edm_train", *flags]
@@ -453,7 +464,7 @@ def identical(a, b):
     return all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (on PATH or next to sys.executable)")
 def test_two_processes_sync_gradients_under_mpiexec_and_torchrun(digits_dir, tmp_path):
     mpi = two_process_run("mpiexec", tmp_path / "mpi", tmp_path / "mpi_logs", digits_dir)
     tr = two_process_run("torchrun", tmp_path / "tr", tmp_path / "tr_logs", digits_dir)
@@ -472,5 +483,6 @@ def test_two_processes_sync_gradients_under_mpiexec_and_torchrun(digits_dir, tmp
     # both launchers compute the same training run
     assert identical(mpi[0], tr[0])
     assert sorted(os.listdir(tmp_path / "mpi_logs")) == [
-        "args.json", "ema_0.9999_000003.pt", "log.txt", "model000003.pt", "opt000003.pt", "progress.csv",
+        "args.json", "ema_0.9999_000003.pt", "log.txt", "meta000003.json", "model000003.pt", "opt000003.pt",
+        "progress.csv",
     ]

@@ -49,6 +49,7 @@ def main():
             "params": [p.detach().cpu().clone() for p in loop.mp_trainer.master_params],
             "saved": [str(s) for s in saved],
             "ddp": type(loop.ddp_model).__name__,
+            "sampler_weights": torch.as_tensor(getattr(loop.schedule_sampler, "weights", lambda: [])()),
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )

@@ -1,0 +1,176 @@
+"""Faults of long training runs: non-finite steps, checkpoint sets that fail to save or to load.
+
+* `BadStepGuard`: a step whose loss or gradients are not finite is skipped
+  (no optimiser step, no EMA update) and counted; ``max_bad_steps`` of them in
+  a row stop the run with one line naming the step and the last good
+  checkpoint. fp16 runs keep their loss-scale logic instead.
+* `write_checkpoint_set`: every file of a set is serialised in memory first,
+  then written atomically, model file last; a failed save removes the files of
+  the new set it had written, so the previous set stays the newest complete one
+  and no temporary file is left.
+* `newest_usable_checkpoint`: ``--resume_checkpoint auto``'s choice, the newest
+  set whose files all exist and load; a bad newest file is a warning naming it.
+
+``CM_INJECT_NAN_STEPS="a:b"`` (tests only) makes steps a..b-1 produce a NaN loss.
+"""
+
+import io
+import os
+import warnings
+
+import torch
+
+from .checkpoint import MODEL_FILE, checkpoint_filename
+from .fileio import write_atomic
+
+# Test-only switch: "a:b" gives steps a, a+1, ..., b-1 a NaN loss.
+INJECT_NAN_ENV = "CM_INJECT_NAN_STEPS"
+
+
+class TrainingStopped(ValueError):
+    """The run cannot go on (too many bad steps); the message is one line."""
+
+
+# ----------------------------------------------------------------------------
+# Non-finite steps
+
+
+def injected_nan_steps(raw=None):
+    """range of steps that get a NaN loss from ``CM_INJECT_NAN_STEPS`` ("a:b"), or an empty range."""
+    raw = os.environ.get(INJECT_NAN_ENV, "") if raw is None else raw
+    if not raw:
+        return range(0)
+    try:
+        start, stop = (int(x) for x in raw.split(":"))
+    except ValueError:
+        raise ValueError(f"{INJECT_NAN_ENV} must look like 'a:b' (steps a..b-1), got {raw!r}") from None
+    return range(start, stop)
+
+
+def maybe_inject_nan(loss, step, steps):
+    """``loss`` made NaN when ``step`` is one of ``steps`` (the test switch), else unchanged."""
+    if step in steps:
+        return loss * float("nan")
+    return loss
+
+
+def grads_finite(params):
+    """True when every gradient of ``params`` is finite (params without a gradient are ignored)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    with torch.no_grad():
+        return bool(torch.stack([g.float().abs().sum() for g in grads]).sum().isfinite())
+
+
+class BadStepGuard:
+    """Counts skipped non-finite steps; stops the run after ``max_bad_steps`` in a row."""
+
+    def __init__(self, max_bad_steps):
+        if max_bad_steps < 1:
+            raise ValueError(f"--max_bad_steps must be positive, got {max_bad_steps}")
+        self.max_bad_steps = max_bad_steps
+        self.total = 0
+        self.in_a_row = 0
+
+    def good(self):
+        """Record a finite step."""
+        self.in_a_row = 0
+
+    def bad(self, step, last_checkpoint):
+        """Record a skipped step ``step``; raise TrainingStopped when the limit is reached."""
+        self.total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_bad_steps:
+            first = step - self.in_a_row + 1
+            raise TrainingStopped(
+                f"loss or gradients not finite for {self.in_a_row} consecutive steps ({first}..{step}, "
+                f"--max_bad_steps {self.max_bad_steps}); stopped at step {step} without saving; "
+                f"last good checkpoint: {last_checkpoint or 'none'}"
+            )
+
+
+# ----------------------------------------------------------------------------
+# Writing a checkpoint set
+
+
+def serialise(state):
+    """``torch.save(state)`` into bytes."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def write_checkpoint_set(directory, files):
+    """Write [(name, state or bytes)] into ``directory``, each atomically, in order (model file last).
+
+    Everything is serialised before the first byte is written. On a failure the
+    files of this set already renamed into place are removed again (the temp
+    file is removed by `write_atomic`) and the error is re-raised.
+    """
+    payloads = [(name, data if isinstance(data, bytes) else serialise(data)) for name, data in files]
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    try:
+        for name, data in payloads:
+            path = os.path.join(directory, name)
+            write_atomic(path, lambda f, data=data: f.write(data))
+            written.append(path)
+    except BaseException:
+        for path in written:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        raise
+
+
+# ----------------------------------------------------------------------------
+# Choosing the set to resume from
+
+
+def set_file_names(step, ema_rates, extra_kinds=()):
+    """Names of every file of the set of ``step`` (model last)."""
+    names = [checkpoint_filename("opt", step)]
+    names += [checkpoint_filename("ema", step, rate) for rate in ema_rates]
+    names += [checkpoint_filename(kind, step) for kind in extra_kinds]
+    return names + [checkpoint_filename("model", step)]
+
+
+def _unusable_file(path):
+    """None when ``path`` exists and loads as plain weights, else a short reason."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, unreadable: any reason means "do not use"
+        text = " ".join(str(exc).split())[:200]
+        return f"{type(exc).__name__}: {text}"
+    return None
+
+
+def newest_usable_checkpoint(directory, ema_rates, extra_kinds=()):
+    """Model path of the newest set in ``directory`` whose files all exist and load, or None.
+
+    A set needs its model, opt, one ema file per rate and one file per
+    ``extra_kinds`` ("target_model", ...). Each newer set passed over is a
+    warning naming its first bad file.
+    """
+    if not directory or not os.path.isdir(directory):
+        return None
+    steps = sorted({int(m.group(1)) for m in map(MODEL_FILE.match, os.listdir(directory)) if m}, reverse=True)
+    for step in steps:
+        bad = None
+        for name in set_file_names(step, ema_rates, extra_kinds):
+            reason = _unusable_file(os.path.join(directory, name))
+            if reason is not None:
+                bad = (os.path.join(directory, name), reason)
+                break
+        if bad is None:
+            return os.path.join(directory, checkpoint_filename("model", step))
+        warnings.warn(
+            f"--resume_checkpoint auto: skipping the checkpoint of step {step}: {bad[0]} is unusable ({bad[1]})",
+            stacklevel=2,
+        )
+    return None
+

@@ -1,0 +1,126 @@
+"""``metaNNNNNN.json`` beside each checkpoint set: what produced it, and what a resume changed.
+
+The file holds the step, the resolved flags of the run, the world size and
+the code version (``git describe`` of the checkout, when there is one). On
+resume, a flag that matters (architecture, batch size, world size, mode,
+image size, ...) whose value differs from the checkpoint's is a warning
+naming it; the run goes on (the user may mean it).
+"""
+
+import json
+import os
+import subprocess
+import warnings
+
+# Flags whose change on resume makes the run a different run.
+FLAGS_THAT_MATTER = (
+    "training_mode",
+    "image_size",
+    "num_channels",
+    "num_res_blocks",
+    "channel_mult",
+    "attention_resolutions",
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "class_cond",
+    "learn_sigma",
+    "resblock_updown",
+    "use_scale_shift_norm",
+    "use_new_attention_order",
+    "use_fp16",
+    "global_batch_size",
+    "batch_size",
+    "microbatch",
+    "ema_rate",
+    "lr",
+    "weight_decay",
+    "sigma_min",
+    "sigma_max",
+    "weight_schedule",
+    "loss_norm",
+    "schedule_sampler",
+    "target_ema_mode",
+    "scale_mode",
+    "start_ema",
+    "start_scales",
+    "end_scales",
+    "seed",
+    "world_size",
+)
+
+
+def metadata_filename(step):
+    """``metaNNNNNN.json`` of the set of ``step``."""
+    return f"meta{step:06d}.json"
+
+
+def code_version():
+    """``git describe --always --dirty`` of the checkout this code lives in, or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=here, capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def build_metadata(step, flags, world_size, version=None):
+    """The metadata dict of a checkpoint set (flags: the resolved flags, or None)."""
+    return {
+        "step": int(step),
+        "world_size": int(world_size),
+        "code_version": version,
+        "flags": dict(flags or {}),
+    }
+
+
+def metadata_bytes(step, flags, world_size):
+    """The json of `build_metadata` (with the current code version) as bytes."""
+    meta = build_metadata(step, flags, world_size, code_version())
+    return (json.dumps(meta, sort_keys=True, indent=2, default=str) + "\n").encode()
+
+
+def read_metadata(model_path):
+    """The metadata beside ``.../modelNNNNNN.pt``, or None when absent or unreadable."""
+    name = os.path.basename(model_path)
+    if not (name.startswith("model") and name.endswith(".pt")):
+        return None
+    path = os.path.join(os.path.dirname(model_path), "meta" + name[len("model") : -len(".pt")] + ".json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def changed_flags(saved, current):
+    """[(flag, saved value, current value)] for FLAGS_THAT_MATTER present in both and different."""
+    out = []
+    for flag in FLAGS_THAT_MATTER:
+        if flag in saved and flag in current and str(saved[flag]) != str(current[flag]):
+            out.append((flag, saved[flag], current[flag]))
+    return out
+
+
+def warn_changed_flags(model_path, flags, world_size):
+    """Warn once per flag that matters whose value differs from the checkpoint's metadata."""
+    meta = read_metadata(model_path)
+    if meta is None or flags is None:
+        return []
+    saved = dict(meta.get("flags") or {}, world_size=meta.get("world_size"))
+    current = dict(flags, world_size=world_size)
+    changes = changed_flags(saved, current)
+    for flag, old, new in changes:
+        label = "world size" if flag == "world_size" else f"--{flag}"
+        warnings.warn(
+            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {old}",
+            stacklevel=2,
+        )
+    return changes
