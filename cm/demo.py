@@ -1,7 +1,8 @@
 """End-to-end demo on scikit-learn's 8×8 handwritten digits, a tiny CIFAR-10 stand-in.
 
 The demo runs the whole method with the project's own scripts, on a CPU, in
-about ten minutes:
+under fifteen minutes (ten without the ECT/iCT stage, which adds the CD
+stage's wall time once):
 
 1. data: the 1797 digits are split (stratified) into a training and a held-out
    part and written as RGB PNGs named like CIFAR-10 (``<class>_<index>.png``)
@@ -12,9 +13,14 @@ about ten minutes:
    (subprocess; checkpoints and logs in ``OUT/edm``);
 4. ``scripts/cm_train.py`` distils it with consistency distillation
    (subprocess; ``OUT/cd``), starting from the teacher's EMA weights;
+4b. the later recipes, each for the CD stage's wall time (both at once, one
+   thread each, stopped by SIGTERM when the time is up: the training loop
+   finishes its step and saves): ECT tunes the teacher's EMA weights into a
+   consistency model (``OUT/ect``), iCT trains one from scratch (``OUT/ict``);
 5. ``scripts/image_sample.py`` draws EDM-Heun, one-step CM and two-step CM
-   samples (its ``main`` is called in this process so that the wall time
-   covers sampling and not Python/torch start-up); ``OUT/samples/<name>``;
+   samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main``
+   is called in this process so that the wall time covers sampling and not
+   Python/torch start-up); ``OUT/samples/<name>``;
 6. the samples are judged: classifier accuracy against the requested labels
    and the Fréchet distance between real held-out and generated digits in
    the classifier's penultimate feature space (``cm.evaluation``).
@@ -44,6 +50,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +102,16 @@ class DemoConfig:
     start_scales: int = 18
     start_ema: float = 0.95
     loss_norm: str = "l2"
+    # ECT (tuned from the teacher) and iCT (from scratch): the CD stage's wall time each
+    recipe_budget_s: float = 0.0  # 0: the CD stage's wall time; < 0: no time limit (run the steps)
+    ect_steps: int = 100000  # an upper bound: the time budget stops it first
+    ect_lr: float = 2e-4
+    ect_double: int = 400  # ~4 halvings in the ~1600 steps the budget allows (ECT: 4 in 100k)
+    ict_steps: int = 2000  # K of iCT's N(k) doubling schedule; the time budget may stop it first
+    ict_lr: float = 1e-3
+    recipe_batch_size: int = 32
+    recipe_ema_rate: float = 0.99
+    two_step_sigmas: str = "80,0.821"
     # sampling and evaluation
     num_samples: int = 500
     sample_batch_size: int = 500
@@ -128,6 +145,11 @@ def quick_config():
         cd_steps=4,
         cd_batch_size=8,
         start_scales=8,
+        recipe_budget_s=-1.0,
+        ect_steps=3,
+        ect_double=1,
+        ict_steps=3,
+        recipe_batch_size=8,
         num_samples=20,
         sample_batch_size=20,
         heun_steps=4,
@@ -422,6 +444,96 @@ def samplers(cfg):
     ]
 
 
+def recipe_samplers(cfg):
+    """The ECT and iCT rows, in the shape of `samplers`."""
+    two = ["--sampler=multistep", f"--sigmas={cfg.two_step_sigmas}"]
+    n_two = len(cfg.two_step_sigmas.split(","))
+    rows = []
+    for mode, name in (("ect", "ECT"), ("ict", "iCT")):
+        rows.append((f"{mode}_onestep", f"{name}, one step", 1, mode, ["--sampler=onestep"]))
+        rows.append((f"{mode}_twostep", f"{name}, two steps (σ {cfg.two_step_sigmas})", n_two, mode, two))
+    return rows
+
+
+def recipe_train_argv(cfg, mode, data_dir, log_dir, init_from):
+    """cm_train.py flags of the demo's ECT (from ``init_from``) or iCT (from scratch) run."""
+    steps = cfg.ect_steps if mode == "ect" else cfg.ict_steps  # iCT: also K of its N(k) doubling
+    argv = [
+        f"--training_mode={mode}",
+        f"--data_dir={data_dir}",
+        f"--logging_dir={log_dir}",
+        *model_flags(cfg),
+        f"--global_batch_size={cfg.recipe_batch_size}",
+        f"--ema_rate={cfg.recipe_ema_rate}",
+        f"--total_training_steps={steps}",
+        f"--save_interval={steps}",
+        f"--log_interval={cfg.log_interval}",
+        f"--seed={cfg.seed + 2}",
+        "--random_flip=False",
+    ]
+    if mode == "ect":
+        return argv + [f"--init_from={init_from}", f"--lr={cfg.ect_lr}", f"--ect_double={cfg.ect_double}"]
+    return argv + ["--init_from=none", f"--lr={cfg.ict_lr}"]
+
+
+def run_budgeted(jobs, budget_s, poll_s=0.2):
+    """Run training commands at once, one thread each; SIGTERM each after ``budget_s`` (None: no limit).
+
+    ``jobs`` is [(name, script, argv, log path)]. A SIGTERMed run finishes its
+    step and saves (see cm.train_util); the signal waits for the run's first
+    logged step row, so even a budget shorter than start-up gets a checkpoint.
+    Returns {name: wall seconds}.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for name, script, argv, log_path in jobs:
+        tqdm.write(f"$ {shlex.join(['python', os.path.join('scripts', script), *argv])}")
+        log = open(log_path, "w")
+        cmd = [sys.executable, "-u", script_path(script), *argv]
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, log_path, script)
+    start = time.perf_counter()
+    seconds, stopped = {}, set()
+    while len(seconds) < len(procs):
+        time.sleep(poll_s)
+        elapsed = time.perf_counter() - start
+        for name, (proc, log, log_path, script) in procs.items():
+            if name in seconds:
+                continue
+            if proc.poll() is not None:
+                seconds[name] = elapsed
+                log.close()
+                if proc.returncode != 0:
+                    for other, _, _, _ in procs.values():
+                        if other.poll() is None:
+                            other.kill()
+                    raise DemoError(f"{script} ({name}) failed with exit status {proc.returncode}; "
+                                    f"end of {log_path}:\n{_tail(log_path)}")
+            elif budget_s is not None and elapsed >= budget_s and name not in stopped and _loop_started(log_path):
+                proc.send_signal(signal.SIGTERM)
+                stopped.add(name)
+    return seconds
+
+
+def _loop_started(log_path):
+    """True once a training run has logged a step row (its loop, and SIGTERM handling, is running)."""
+    with open(log_path, errors="replace") as f:
+        return any(STEP_ROW.match(line) for line in f)
+
+
+def latest_ema(log_dir, rate):
+    """(EMA checkpoint path, step) of the latest checkpoint a training run left in ``log_dir``."""
+    from .checkpoint import find_latest_checkpoint, parse_resume_step
+
+    model = find_latest_checkpoint(log_dir)
+    if model is None:
+        raise DemoError(f"no checkpoint in {log_dir}")
+    step = parse_resume_step(model)
+    path = os.path.join(log_dir, f"ema_{rate}_{step:06d}.pt")
+    if not os.path.isfile(path):
+        raise DemoError(f"cm_train.py finished without writing {path}")
+    return path, step
+
+
 def sample_argv(cfg, model_path, log_dir, training_mode, sampler_flags):
     return [
         f"--model_path={model_path}",
@@ -571,11 +683,26 @@ def run_demo(out, cfg, progress=True):
     if not os.path.isfile(student):
         raise DemoError(f"cm_train.py finished without writing {student}")
 
+    # 4b. ECT and iCT, each for the CD stage's wall time
+    budget = None if cfg.recipe_budget_s < 0 else (cfg.recipe_budget_s or timings["cm_train"])
+    jobs = []
+    for mode in ("ect", "ict"):
+        argv = recipe_train_argv(cfg, mode, data_dir, os.path.join(out, mode), teacher)
+        commands[f"{mode}_train"] = ["python", "scripts/cm_train.py", *argv]
+        jobs.append((mode, "cm_train.py", argv, os.path.join(logs, f"{mode}_train.log")))
+    tqdm.write(f"ECT and iCT: {'until their steps are done' if budget is None else f'{budget:.0f} s each'}")
+    for mode, seconds in run_budgeted(jobs, budget).items():
+        timings[f"{mode}_train"] = seconds
+    checkpoints = {"edm": teacher, "consistency_distillation": student}
+    recipe_steps = {}
+    for mode in ("ect", "ict"):
+        checkpoints[mode], recipe_steps[mode] = latest_ema(os.path.join(out, mode), cfg.recipe_ema_rate)
+
     # 5. sampling, 6. judging
     rows, panels, files = [], [], {}
-    for name, label, nfe, mode, flags in samplers(cfg):
+    for name, label, nfe, mode, flags in samplers(cfg) + recipe_samplers(cfg):
         folder = os.path.join(out, "samples", name)
-        argv = sample_argv(cfg, teacher if mode == "edm" else student, folder, mode, flags)
+        argv = sample_argv(cfg, checkpoints[mode], folder, mode, flags)
         commands[f"sample_{name}"] = ["python", "scripts/image_sample.py", *argv]
         seconds = run_sampling(name, argv, os.path.join(logs, f"sample_{name}.log"))
         timings[f"sample_{name}"] = seconds
@@ -608,7 +735,10 @@ def run_demo(out, cfg, progress=True):
         timings_s=timings,
         commands=commands,
         files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt",
-                   classifier="classifier.pt", teacher=os.path.relpath(teacher, out), student=os.path.relpath(student, out)),
+                   classifier="classifier.pt", teacher=os.path.relpath(teacher, out),
+                   student=os.path.relpath(student, out),
+                   **{mode: os.path.relpath(checkpoints[mode], out) for mode in ("ect", "ict")}),
+        recipe_steps=recipe_steps,
         torch_threads=torch.get_num_threads(),
     )
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -622,5 +752,7 @@ def run_demo(out, cfg, progress=True):
     )
     print(f"total wall time {timings['total']:.0f} s " + "(" + ", ".join(
         f"{k} {v:.0f} s" for k, v in timings.items() if k != "total") + ")")
+    print("ECT and iCT reached steps " + ", ".join(f"{m} {n}" for m, n in recipe_steps.items()) + " in "
+          + ", ".join(f"{timings[m + '_train']:.0f} s" for m in recipe_steps) + f" (CD: {cfg.cd_steps} steps)")
     print(f"everything is in {out} (table.txt, results.json, comparison.png, samples/, logs/)")
     return results

@@ -21,6 +21,7 @@ stops answering turns into an error rather than a hang; `lost_process_reason`
 recognises such errors (and a peer that died) for the one-line report.
 """
 
+import atexit
 import datetime
 import io
 import os
@@ -203,6 +204,14 @@ def _mpi_rendezvous(comm):
     os.environ["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
 
 
+def _close_group_at_exit():
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (exiting anyway)
+            pass
+
+
 def setup_dist(backend=None, timeout=None):
     """Create the default process group (idempotent): NCCL on GPU, gloo on CPU.
 
@@ -225,6 +234,9 @@ def setup_dist(backend=None, timeout=None):
         _mpi_rendezvous(comm)
     if torch.cuda.is_available():
         torch.cuda.set_device(dev())
+    # Close the group before the interpreter tears down: a gloo group left open at exit
+    # can abort the process ("terminate called without an active exception").
+    atexit.register(_close_group_at_exit)
     if get_world_size() == 1:
         # One process: an in-memory store, no port to pick or collide on.
         dist.init_process_group(

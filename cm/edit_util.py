@@ -38,6 +38,7 @@ from .fileio import write_atomic
 from .image_datasets import DataError, class_ids, list_image_files
 from .random_util import get_generator
 from .sample_util import (
+    parse_sigmas,
     CONSISTENCY_MODES,
     batch_indices,
     check_common_args,
@@ -70,8 +71,8 @@ EDIT_HELP = {
     "num_points": "interpolate: images per pair, both ends included",
     "class_labels": "interpolate on a class-conditional model: comma list of class ids, pair r gets entry r mod "
     "length (empty: drawn like image_sample.py); other tasks take the labels of their inputs",
-    "sigmas": "comma list of strictly decreasing noise levels: denoise at all but the last, re-noise to the "
-    "next (instead of --ts/--steps)",
+    "sigmas": "comma list of strictly decreasing noise levels in [sigma_min, sigma_max], one denoising at each, "
+    "as image_sample.py (instead of --ts/--steps)",
 }
 
 
@@ -97,28 +98,13 @@ def create_edit_argparser(description=None):
     return parser
 
 
-def parse_sigmas(text):
-    """``--sigmas``: a comma list of at least two strictly decreasing positive floats."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--sigmas must be a comma list of numbers, got {text!r}") from None
-    if len(values) < 2:
-        raise UsageError(f"--sigmas needs at least two levels (denoise at all but the last), got {text!r}")
-    if any(not v > 0 for v in values) or any(b >= a for a, b in zip(values, values[1:])):
-        raise UsageError(f"--sigmas must be positive and strictly decreasing, got {text!r}")
-    return values
-
-
 def edit_schedule(args):
     """The σ list from ``--sigmas`` or ``--ts``/``--steps`` (Karras grid between --sigma_min and --sigma_max)."""
     if args.sigmas and args.ts:
         raise UsageError("give either --ts or --sigmas, not both")
     if args.sigmas:
-        sigmas = parse_sigmas(args.sigmas)
-        if sigmas[0] > args.sigma_max or sigmas[-1] < args.sigma_min:
-            raise UsageError(f"--sigmas must lie in [{args.sigma_min:g}, {args.sigma_max:g}], got {args.sigmas!r}")
-        return sigmas
+        # As in image_sample.py: one denoising per listed level, then the run ends at σ_min.
+        return parse_sigmas(args.sigmas, "multistep", args.sigma_min, args.sigma_max) + [float(args.sigma_min)]
     if not args.ts:
         raise UsageError("editing needs --ts (schedule indices such as 0,22,39) or --sigmas")
     return schedule_sigmas(parse_ts(args.ts, args.steps), args.steps, args.sigma_min, args.sigma_max)

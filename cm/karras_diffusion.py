@@ -7,7 +7,7 @@ and delegates the math to `cm.precond`, `cm.losses`, `cm.schedules` and
 
 import torch
 
-from . import losses
+from . import losses, recipes
 from .losses import check_loss_norm
 from .nn import append_dims, append_zero, mean_flat  # noqa: F401  (re-exported)
 from .precond import (
@@ -26,6 +26,7 @@ from .samplers import (  # noqa: F401  (re-exported)
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_multistep_sigmas,
     sample_onestep,
     sample_progdist,
     stochastic_iterative_sampler,
@@ -212,6 +213,46 @@ class KarrasDenoiser:
         )
         return {"loss": loss, "sigmas": t}
 
+    def ict_losses(self, model, x_start, num_scales, model_kwargs=None, target_model=None, huber_c=None, noise=None):
+        """iCT loss terms: adjacent levels of the N-point grid drawn from the discretised log-normal.
+
+        No teacher and no EMA target: θ⁻ = stopgrad θ (``target_model`` is the
+        same network, unwrapped). Weight 1/(σ_{i+1} − σ_i), pseudo-Huber distance
+        with c = 0.00054·√d unless ``huber_c`` is given.
+        """
+        model_kwargs = model_kwargs or {}
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if huber_c is None:
+            huber_c = recipes.pseudo_huber_c(x_start[0].numel())
+        lo, hi, weights = recipes.ict_draw(
+            num_scales, x_start.shape[0], self.sigma_min, self.sigma_max, self.rho, device=x_start.device
+        )
+        loss = losses.consistency_loss(
+            self._denoiser(model, model_kwargs),
+            self._denoiser(target_model if target_model is not None else model, model_kwargs),
+            x_start,
+            hi,
+            lo,
+            noise,
+            lambda a, b: losses.pseudo_huber(a, b, huber_c),
+            weights,
+        )
+        return {"loss": loss, "sigmas": hi, "r": lo}
+
+    def ect_losses(
+        self, model, x_start, stage, model_kwargs=None, target_model=None, q=2.0, huber_c=0.0, noise=None
+    ):
+        """ECT loss terms: t ~ log-normal, r = r(t, stage), one ε, the online weights for both calls."""
+        model_kwargs = model_kwargs or {}
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        t = recipes.ect_draw_t(x_start.shape[0], device=x_start.device)
+        r = recipes.ect_r(t, stage, q=q)
+        target = self._denoiser(target_model, model_kwargs) if target_model is not None else None
+        loss = losses.ect_loss(self._denoiser(model, model_kwargs), x_start, t, r, noise, huber_c, target)
+        return {"loss": loss, "sigmas": t, "r": r}
+
     def _grid(self, u):
         return karras_sigma(u, self.sigma_min, self.sigma_max, self.rho)
 
@@ -236,12 +277,21 @@ def karras_sample(
     s_noise=1.0,
     generator=None,
     ts=None,
+    sigmas=None,
 ):
-    """Draw samples of `shape` from `model` with the named sampler; returns x in [−1, 1]."""
+    """Draw samples of `shape` from `model` with the named sampler; returns x in [−1, 1].
+
+    ``sampler="multistep"`` takes either ``ts`` (indices into the ``steps``-point
+    schedule) or ``sigmas`` (the descending noise levels to denoise at, e.g.
+    (80, 0.821); x_T then has noise level sigmas[0]).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if sampler == "multistep" and not ts:
-        raise ValueError("sampler 'multistep' needs ts, a list of indices into the steps-point schedule")
+    has_sigmas = sigmas is not None and len(sigmas) > 0
+    if sampler == "multistep" and not ts and not has_sigmas:
+        raise ValueError("sampler 'multistep' needs ts (indices into the steps-point schedule) or sigmas")
+    if has_sigmas and sampler != "multistep":
+        raise ValueError(f"sigmas is only used by the multistep sampler, not {sampler!r}")
     model_kwargs = model_kwargs or {}
     if generator is None:
         generator = get_generator("dummy")
@@ -249,8 +299,8 @@ def karras_sample(
 
     # progdist integrates over steps+1 levels without the trailing 0
     n_sigmas = steps + 1 if sampler == "progdist" else steps
-    sigmas = get_sigmas_karras(n_sigmas, sigma_min, sigma_max, rho, device=device)
-    x_T = generator.randn(*shape, device=device) * sigma_max
+    grid = get_sigmas_karras(n_sigmas, sigma_min, sigma_max, rho, device=device)
+    x_T = generator.randn(*shape, device=device) * (float(sigmas[0]) if has_sigmas else sigma_max)
 
     if sampler in ("heun", "dpm"):
         sampler_args = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
@@ -263,5 +313,10 @@ def karras_sample(
         _, denoised = diffusion.denoise(model, x_t, sigma, **model_kwargs)
         return denoised.clamp(-1, 1) if clip_denoised else denoised
 
-    x_0 = SAMPLERS[sampler](denoiser, x_T, sigmas, generator, progress=progress, callback=callback, **sampler_args)
+    if has_sigmas:
+        x_0 = sample_multistep_sigmas(
+            denoiser, x_T, [float(s) for s in sigmas], generator, progress=progress, callback=callback, t_min=sigma_min
+        )
+        return x_0.clamp(-1, 1)
+    x_0 = SAMPLERS[sampler](denoiser, x_T, grid, generator, progress=progress, callback=callback, **sampler_args)
     return x_0.clamp(-1, 1)

@@ -119,3 +119,29 @@ def progdist_loss(student, teacher, x_start, t, t_mid, t_next, noise, dist, weig
         x_next = ode_euler_step(x_mid, t_mid, t_next, teacher(x_mid, t_mid))
         target = x_t - append_dims(t, dims) * (x_next - x_t) / append_dims(t_next - t, dims)
     return dist(denoised, target.detach()) * weights
+
+
+def pseudo_huber(x, y, c):
+    """√(‖x − y‖² + c²) − c per sample, ‖·‖ over all values (iCT §3.3; c = 0: the L2 norm)."""
+    sq = ((x - y) ** 2).flatten(1).sum(dim=1)
+    # 1e-30 keeps the gradient finite at Δ = 0 when c = 0 (d√s/ds is infinite at 0)
+    return torch.sqrt(sq + c**2 + 1e-30) - c
+
+
+def ect_loss(denoise, x_start, t, r, noise, c=0.0, target=None):
+    """Consistency-tuning loss per sample (ECT, Geng et al. 2024).
+
+    One noise draw n for both points: D(x + t·n, t) with gradients, D(x + r·n, r)
+    under no_grad with the same online weights and the same dropout mask; where
+    r = 0 the target is x itself. loss = (√(‖Δ‖² + c²) − c)/(t − r).
+    ``target`` is the same network unwrapped (e.g. without DDP); default ``denoise``.
+    """
+    target = target or denoise
+    dims = x_start.ndim
+    rng = _fork_rng_state(x_start.device)
+    d_t = denoise(x_start + noise * append_dims(t, dims), t)
+    with torch.no_grad():
+        _restore_rng_state(rng, x_start.device)
+        d_r = target(x_start + noise * append_dims(r, dims), r)
+        d_r = torch.where(append_dims(r > 0, dims), d_r, x_start).detach()
+    return pseudo_huber(d_t, d_r, c) / (t - r)

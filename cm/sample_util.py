@@ -58,7 +58,7 @@ from .script_util import (
 # torch keeps only the low 32 bits of a CPU seed, so the offset works mod 2**32.
 LABEL_SEED_OFFSET = 0x9E3779B9
 
-CONSISTENCY_MODES = ("consistency_distillation", "consistency_training")
+CONSISTENCY_MODES = ("consistency_distillation", "consistency_training", "ect", "ict")
 
 SAMPLE_HELP = {
     "batch_size": "samples per process per batch (noise and labels of sample k do not depend on it)",
@@ -67,8 +67,10 @@ SAMPLE_HELP = {
     "empty: labels drawn from a seeded label generator (class_cond only)",
     "generator": "noise generator: determ (one seeded stream, reproducible for any batch/world size), "
     "determ-indiv (one seeded stream per sample), dummy (unseeded global RNG)",
-    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training use the "
-    "consistency-model scalings, edm/progdist the EDM ones",
+    "sigmas": "comma list of descending noise levels for --sampler multistep instead of --ts, e.g. 80,0.821 "
+    "(ECT/iCT two-step); each in [sigma_min, sigma_max], one network call each",
+    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training/ect/ict use "
+    "the consistency-model scalings, edm/progdist the EDM ones",
 }
 
 
@@ -123,6 +125,23 @@ def parse_ts(ts, steps, sampler="multistep"):
     return values
 
 
+def parse_sigmas(text, sampler, sigma_min, sigma_max):
+    """Parse ``--sigmas`` into a list of floats; None when empty. One-line UsageError when invalid."""
+    if not text:
+        return None
+    if sampler != "multistep":
+        raise UsageError(f"--sigmas is only used by --sampler multistep (got --sampler {sampler})")
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--sigmas must be a comma list of numbers, got {text!r}") from None
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise UsageError(f"--sigmas must be strictly decreasing, got {text!r}")
+    if not all(sigma_min <= v <= sigma_max for v in values):
+        raise UsageError(f"--sigmas must lie in [sigma_min, sigma_max] = [{sigma_min}, {sigma_max}], got {text!r}")
+    return values
+
+
 def parse_class_labels(text, class_cond):
     """Parse ``--class_labels`` into a list of ints in [0, NUM_CLASSES); None when empty."""
     if not text:
@@ -149,6 +168,10 @@ def check_common_args(args):
 def check_sample_args(args):
     """Validate image_sample.py's flags; returns (ts list or None, class label list or None)."""
     class_labels = check_common_args(args)
+    if parse_sigmas(getattr(args, "sigmas", ""), args.sampler, args.sigma_min, args.sigma_max):
+        if args.ts:
+            raise UsageError("--ts and --sigmas both given; the multistep sampler takes one of them")
+        return None, class_labels
     return parse_ts(args.ts, args.steps, args.sampler), class_labels
 
 
@@ -239,6 +262,7 @@ def sample_images(
     steps,
     sampler="heun",
     ts=None,
+    sigmas=None,
     generator="determ",
     seed=42,
     class_cond=False,
@@ -296,6 +320,7 @@ def sample_images(
             s_noise=s_noise,
             generator=noise,
             ts=ts,
+            sigmas=sigmas,
         )
         keep = min(world * batch_size, num_samples - done)  # drop the clamped padding
         images.append(gather_in_index_order(to_uint8(x))[:keep])

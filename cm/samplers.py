@@ -171,6 +171,23 @@ def stochastic_iterative_sampler(
 
 
 @torch.no_grad()
+def sample_multistep_sigmas(distiller, x, sigmas, generator, progress=False, callback=None, t_min=0.002):
+    """Multistep consistency sampling (CM paper Alg. 1) at the given descending noise levels.
+
+    Denoise at every level (NFE = len(sigmas)), re-noising in between:
+    x = f(x, σ_i) + √(σ_{i+1}² − σ_min²)·z. ECT/iCT two-step: sigmas = (80, 0.821).
+    """
+    s_in = x.new_ones([x.shape[0]])
+    for i in _steps(len(sigmas), progress):
+        x0 = distiller(x, sigmas[i] * s_in)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": x0})
+        if i + 1 < len(sigmas):
+            x = x0 + generator.randn_like(x) * np.sqrt(sigmas[i + 1] ** 2 - t_min**2)
+    return x0
+
+
+@torch.no_grad()
 def sample_progdist(denoiser, x, sigmas, generator=None, progress=False, callback=None):
     """Euler sampling over the grid without its trailing 0 (progressive-distillation models)."""
     s_in = x.new_ones([x.shape[0]])

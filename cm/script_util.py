@@ -26,7 +26,7 @@ CHANNEL_MULTS = {
 
 ARCHS = ("adm", "ddpmpp", "ncsnpp")
 
-TRAINING_MODES = ("edm", "consistency_distillation", "consistency_training", "progdist")
+TRAINING_MODES = ("edm", "consistency_distillation", "consistency_training", "progdist", "ect", "ict")
 
 
 def model_and_diffusion_defaults():

@@ -35,7 +35,8 @@ Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
 grad_norm, param_norm, lr, lg_loss_scale (fp16), bad_steps (non-fp16: steps
 skipped so far for a non-finite loss or gradient), step (index of the step just
 taken) and samples = (step+1)·global batch; the consistency loop adds
-num_scales and target_ema. Noise bins are FIXED quarters of the Karras
+num_scales (ECT: stage) and target_ema, and for iCT/ECT t_mean, r_over_t
+(mean r/t of the pair of noise levels) and r_zero (share of r = 0). Noise bins are FIXED quarters of the Karras
 ρ-ramp between σ_min and σ_max (the original's ``4·t/T`` quartile applied to
 the position on the ρ-schedule): q0 is σ < 0.169, q1 up to 2.51, q2 up to
 17.5, q3 above (for σ_min 0.002, σ_max 80, ρ 7). Fixed bins, unlike quartiles
@@ -75,6 +76,7 @@ from .fp16_util import (
 from .nn import update_ema
 from .precision import resolve_precision, wrap as precision_wrap
 from .opt_layout import is_original_fp16_layout, to_per_parameter
+from .recipes import RECIPE_MODES  # iCT/ECT: the online network under no_grad is the target
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
 
@@ -82,7 +84,7 @@ from .schedules import get_sigmas_karras
 # (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
 NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
 
-CM_TRAINING_MODES = ("consistency_distillation", "consistency_training", "progdist")
+CM_TRAINING_MODES = ("consistency_distillation", "consistency_training", "progdist") + RECIPE_MODES
 
 # Purposes of derived seeds, so the streams never coincide.
 _SEED_STEP, _SEED_DATA_ORDER, _SEED_FLIPS = 0, 1, 2
@@ -788,7 +790,11 @@ class CMTrainLoop(TrainLoop):
     resumed. ``target_model``: the target network θ⁻ (consistency modes).
     ``ema_scale_fn(step)`` gives (μ, N). In "progdist" the student is trained
     to match two teacher steps with one; when N changes the current student
-    becomes the teacher, and the optimiser and EMAs restart.
+    becomes the teacher, and the optimiser and EMAs restart. "ict" and "ect"
+    (`RECIPE_MODES`) have neither teacher nor target model: the online network
+    under no_grad is the target; ``ema_scale_fn`` gives (0, N) for iCT and
+    (0, stage) for ECT (`cm.recipes`); ``huber_c`` (None: iCT's 0.00054·√d,
+    ECT's 0) and ``ect_q`` configure their losses.
     """
 
     def __init__(
@@ -800,13 +806,15 @@ class CMTrainLoop(TrainLoop):
         training_mode,
         ema_scale_fn,
         total_training_steps,
+        huber_c=None,
+        ect_q=2.0,
         **kwargs,
     ):
         if training_mode not in CM_TRAINING_MODES:
             raise ValueError(f"unknown training_mode {training_mode!r}; choose one of {', '.join(CM_TRAINING_MODES)}")
-        if training_mode != "consistency_training" and teacher_model is None:
+        if training_mode in ("consistency_distillation", "progdist") and teacher_model is None:
             raise ValueError(f"training_mode {training_mode} needs a teacher model")
-        if training_mode != "progdist" and target_model is None:
+        if training_mode in ("consistency_distillation", "consistency_training") and target_model is None:
             raise ValueError(f"training_mode {training_mode} needs a target model")
         if not total_training_steps > 0:
             raise ValueError(f"--total_training_steps must be positive, got {total_training_steps}")
@@ -816,6 +824,7 @@ class CMTrainLoop(TrainLoop):
         self.teacher_diffusion = teacher_diffusion
         self.ema_scale_fn = ema_scale_fn
         self.target_master_params = None
+        self.huber_c, self.ect_q = huber_c, ect_q
         super().__init__(total_training_steps=total_training_steps, **kwargs)
         if self.lr_anneal_steps and self.lr_anneal_steps < total_training_steps:
             logger.log(
@@ -904,7 +913,9 @@ class CMTrainLoop(TrainLoop):
         for part, last in self._micro_batches(batch, cond):
             micro_cond = {k: v[part] for k, v in cond.items()}
             with self._sync_context(last):
-                if self.training_mode == "progdist":
+                if self.training_mode in RECIPE_MODES:
+                    losses = self._recipe_losses(batch[part], num_scales, micro_cond)
+                elif self.training_mode == "progdist":
                     losses = self.diffusion.progdist_losses(
                         self._net(self.ddp_model),
                         batch[part],
@@ -926,8 +937,28 @@ class CMTrainLoop(TrainLoop):
                     )
                 self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
-        logger.logkv("num_scales", num_scales)
+            if "r" in losses:
+                logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
+                logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())
+                logger.logkv_mean("r_zero", (losses["r"] == 0).float().mean().item())
+        logger.logkv("stage" if self.training_mode == "ect" else "num_scales", num_scales)
         logger.logkv("target_ema", target_ema)
+
+    def _recipe_losses(self, x_start, num_scales, cond):
+        """iCT (N = ``num_scales``) or ECT (stage = ``num_scales``) loss terms, online weights as target."""
+        if self.training_mode == "ict":
+            return self.diffusion.ict_losses(
+                self.ddp_model, x_start, num_scales, model_kwargs=cond, target_model=self.model, huber_c=self.huber_c
+            )
+        return self.diffusion.ect_losses(
+            self.ddp_model,
+            x_start,
+            num_scales,
+            model_kwargs=cond,
+            target_model=self.model,
+            q=self.ect_q,
+            huber_c=self.huber_c or 0.0,
+        )
 
     def _update_target_ema(self):
         target_ema, _ = self.ema_scale_fn(self.step)

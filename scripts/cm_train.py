@@ -1,8 +1,11 @@
 """Consistency distillation, consistency training or progressive distillation on a folder of images.
 
 Distillation starts from an EDM checkpoint (--teacher_model_path); consistency
-training needs no teacher. Launch plainly, with `mpiexec -n K`, or with
-`torchrun --nproc_per_node K`. Checkpoints, log.txt, progress.csv and
+training needs no teacher. The later recipes: --training_mode ect tunes a
+pretrained model (--init_from) into a consistency model, --training_mode ict
+trains one from scratch; each applies its paper's CIFAR-10 settings to the
+flags you do not give (cm/recipe_flags.py). Launch plainly, with
+`mpiexec -n K`, or with `torchrun --nproc_per_node K`. Checkpoints, log.txt, progress.csv and
 args.json go to --logging_dir.
 """
 
@@ -21,6 +24,16 @@ from cm.checkpoint import load_model_state, read_checkpoint
 from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
 from cm.model_files import adopt_network_flags
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
+from cm.recipe_flags import (
+    RECIPE_FLAG_HELP,
+    RECIPE_MODES,
+    apply_recipe_preset,
+    check_recipe_args,
+    explicit_flags,
+    load_init_weights,
+    recipe_flag_defaults,
+)
+from cm.recipes import recipe_ema_and_scales_fn
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -52,14 +65,18 @@ def create_argparser():
     defaults.update(train_defaults())
     defaults.update(cm_train_defaults())
     defaults.update(lpips_path="", seed=0, random_flip=True)
+    defaults.update(recipe_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    add_dict_to_argparser(parser, defaults, help=HELP)
+    add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP})
     add_speed_flags(parser)
     return parser
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    preset = apply_recipe_preset(args, explicit_flags(parser, argv))
+    check_recipe_args(args)
     resolve_speed_args(args)
     if args.training_mode not in CM_TRAINING_MODES:
         raise ValueError(
@@ -71,33 +88,43 @@ def main(argv=None):
             f"--schedule_sampler {args.schedule_sampler} is not used by cm_train.py: the consistency losses draw "
             "their own noise levels (the original ignored it); leave it at uniform"
         )
-    if args.training_mode != "consistency_training" and not args.teacher_model_path:
+    if args.training_mode in ("consistency_distillation", "progdist") and not args.teacher_model_path:
         raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
     # an EDM .pkl teacher fixes the architecture flags (teacher and student share it)
     teacher_file = adopt_network_flags(args, "teacher_model_path", model_and_diffusion_defaults())
     if teacher_file and teacher_file[1].get("training_mode", "edm") != "edm":  # JAX files do not say
         raise UsageError(f"--teacher_model_path {args.teacher_model_path} is a consistency model, not an EDM teacher")
-    ema_scale_fn = create_ema_and_scales_fn(
-        target_ema_mode=args.target_ema_mode,
-        start_ema=args.start_ema,
-        scale_mode=args.scale_mode,
-        start_scales=args.start_scales,
-        end_scales=args.end_scales,
-        total_steps=args.total_training_steps,
-        distill_steps_per_iter=args.distill_steps_per_iter,
-    )
+    # ... and so does an --init_from file of ect/ict
+    init_file = None
+    if args.training_mode in RECIPE_MODES and args.init_from != "none":
+        init_file = adopt_network_flags(args, "init_from", model_and_diffusion_defaults())
+    if args.training_mode in RECIPE_MODES:
+        ema_scale_fn = recipe_ema_and_scales_fn(
+            args.training_mode, args.total_training_steps, args.start_scales, args.end_scales, args.ect_double
+        )
+    else:
+        ema_scale_fn = create_ema_and_scales_fn(
+            target_ema_mode=args.target_ema_mode,
+            start_ema=args.start_ema,
+            scale_mode=args.scale_mode,
+            start_scales=args.start_scales,
+            end_scales=args.end_scales,
+            total_steps=args.total_training_steps,
+            distill_steps_per_iter=args.distill_steps_per_iter,
+        )
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
 
     # Build and check everything before anything is written to the logging dir.
     dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
-    # consistency models use the boundary-condition scalings; progdist students are EDM denoisers
+    # consistency models (ECT and iCT too) use the boundary-condition scalings; progdist students are EDM denoisers
     distillation = args.training_mode != "progdist"
     model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
     model, diffusion = create_model_and_diffusion(**model_kwargs)
+    load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
-    if args.loss_norm == "lpips":
+    if args.loss_norm == "lpips" and args.training_mode not in RECIPE_MODES:
         diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
 
     teacher_model = teacher_diffusion = None
@@ -109,7 +136,7 @@ def main(argv=None):
         teacher_model.to(dist_util.dev())
 
     target_model = None
-    if args.training_mode != "progdist":
+    if args.training_mode in ("consistency_distillation", "consistency_training"):
         target_model, _ = create_model_and_diffusion(**model_kwargs)
         target_model.to(dist_util.dev())
 
@@ -155,12 +182,16 @@ def main(argv=None):
         precision=args.precision,
         max_bad_steps=args.max_bad_steps,
         run_flags=vars(args),
+        huber_c=args.huber_c if args.training_mode in RECIPE_MODES else None,
+        ect_q=args.ect_q,
     )
 
     logger.configure(dir=log_dir)
     logger.save_args({**vars(args), "logging_dir": logger.get_dir()})
     if batch_note:
         logger.log(batch_note)
+    if preset:
+        logger.log(f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset))
     logger.log(
         f"{args.training_mode}: {dist_util.get_world_size()} process(es) x batch {batch_size}, from step {loop.step}"
     )

@@ -1,6 +1,6 @@
-"""The whole method on scikit-learn's 8x8 digits, on a CPU: EDM teacher, consistency distillation, samples, table.
+"""The whole method on scikit-learn's 8x8 digits, on a CPU: EDM teacher, CD, ECT, iCT, samples, table.
 
-  python scripts/demo.py --out demo_out          # the full run (about ten minutes on 2 cores)
+  python scripts/demo.py --out demo_out          # the full run (under fifteen minutes on 2 cores)
   python scripts/demo.py --out /tmp/q --quick    # a one-minute smoke run (CI)
 
 Every flag below overrides the preset; see cm/demo.py for what each stage does.
@@ -39,6 +39,15 @@ HELP = {
     "start_scales": "discretisation steps N of consistency distillation",
     "start_ema": "target network EMA rate μ",
     "loss_norm": "consistency distance (l1, l2, l2-32; lpips needs weights)",
+    "recipe_budget_s": "wall seconds of the ECT and iCT stages each (0: the CD stage's; negative: no limit)",
+    "ect_steps": "ECT steps at most (the time budget usually stops it first)",
+    "ect_lr": "ECT learning rate",
+    "ect_double": "ECT steps per stage (t - r halves every stage)",
+    "ict_steps": "iCT steps at most, also K of its N(k) doubling schedule",
+    "ict_lr": "iCT learning rate",
+    "recipe_batch_size": "ECT and iCT batch size",
+    "recipe_ema_rate": "EMA rate of the ECT and iCT weights used for sampling",
+    "two_step_sigmas": "noise levels of the ECT/iCT two-step sampler",
     "num_samples": "samples per sampler (labels cycle through the 10 classes)",
     "sample_batch_size": "sampling batch size",
     "heun_steps": "noise levels of the teacher's Heun sampler (2n-1 evaluations)",

@@ -4,6 +4,7 @@
       --image_size 32 --class_cond True --num_samples 50000 --batch_size 500
   mpiexec -n 8 python scripts/image_sample.py --training_mode consistency_distillation \\
       --sampler multistep --ts 0,22,39 --model_path cd_cifar10.pt ...
+  python scripts/image_sample.py --training_mode ect --sampler multistep --sigmas 80,0.821 ...
 
 The same command gives the same .npz for any --batch_size and number of
 processes (see cm/sample_util.py).
@@ -19,6 +20,7 @@ from cm.sample_util import (
     check_sample_args,
     create_argparser,
     load_model_and_diffusion,
+    parse_sigmas,
     sample_flag_defaults,
     sample_images,
     save_samples,
@@ -26,10 +28,12 @@ from cm.sample_util import (
 
 
 def main(argv=None):
-    args = create_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
+    defaults = dict(sample_flag_defaults(), sigmas="")
+    args = create_argparser(defaults, description=__doc__.splitlines()[0]).parse_args(argv)
     # a self-describing file (EDM .pkl) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", sample_flag_defaults(), SAMPLING_FLAGS)
     ts, class_labels = check_sample_args(args)
+    sigmas = parse_sigmas(args.sigmas, args.sampler, args.sigma_min, args.sigma_max)
     resolve_speed_args(args)
 
     dist_util.setup_dist()
@@ -50,6 +54,7 @@ def main(argv=None):
         steps=args.steps,
         sampler=args.sampler,
         ts=ts,
+        sigmas=sigmas,
         generator=args.generator,
         seed=args.seed,
         class_cond=args.class_cond,

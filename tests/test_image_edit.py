@@ -236,7 +236,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, data, in_process, tmp_pa
 def test_sigmas_flag_sets_the_levels(data, in_process, tmp_path):
     out = tmp_path / "out"
     argv = common_flags(data, 5)[:-6] + ["--seed", "7", "--batch_size", "5", "--task", "denoise", "--noise_sigma", "0.5",
-                                         "--sigmas", "80,0.2,0.002", "--input", str(data["dir"] / "imgs"),
+                                         "--sigmas", "80,0.2", "--input", str(data["dir"] / "imgs"),
                                          "--logging_dir", str(out)]  # fmt: skip
     assert in_process(argv) == 0
     assert "denoise: 5 images, σ = 0.5, 0.2, 0.002" in (out / "log.txt").read_text()
