@@ -9,6 +9,17 @@
 * ``heun_step``: one step of the Heun sampler between two adjacent levels of an
   18-level schedule (2 evaluations; a whole 18-step sample costs 17.5 of them).
 
+Settings: ``--precision`` (fp32, bf16 autocast, fp16), ``--channels_last`` and
+``--compile`` (see `cm.precision`). ``--compare A B`` runs two settings, each a
+comma list of flag=value overrides (``precision=fp32 precision=bf16``), in one
+process per benchmark, timing their iterations alternately (A, B, A, B, ...) so
+that a changing machine load hits both alike, and prints B's speed-up over A.
+
+GFLOP/s: the FLOPs of one iteration are counted once per configuration with
+`torch.utils.flop_counter.FlopCounterMode` (eager, before any compilation;
+convolutions, matrix products and attention, forward and backward), divided
+by the median time.
+
 Method: the objects are built first and not timed; ``warmup`` untimed
 iterations, then ``repeats`` timed ones, each bracketed by a CUDA synchronise;
 the median is reported (images/s = batch / median seconds). Peak memory: on
@@ -22,11 +33,13 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 import traceback
 
 import torch
 
+from . import precision as prec
 from .script_util import add_dict_to_argparser, model_and_diffusion_defaults, str2bool
 
 BENCHMARKS = ("edm_train", "cd_train", "onestep", "heun_step")
@@ -73,7 +86,15 @@ BENCH_HELP = {
     "isolate": "run each benchmark in a fresh process (clean peak memory)",
     "seed": "seed of the weights and inputs",
     "json": "print one JSON object instead of the table",
+    "precision": prec.PRECISION_HELP,
+    "channels_last": prec.CHANNELS_LAST_HELP,
+    "compile": prec.COMPILE_HELP,
+    "compare": "two settings A B, each a comma list of flag=value (e.g. precision=fp32 precision=bf16): "
+    "timed alternately in one process, B's speed-up over A printed",
 }
+
+# flags a --compare setting may override
+COMPARE_FLAGS = ("precision", "channels_last", "compile", "use_fp16")
 
 
 def benchmark_defaults():
@@ -97,6 +118,9 @@ def benchmark_defaults():
         threads=0,
         isolate=True,
         seed=0,
+        precision="auto",
+        channels_last=False,
+        compile=False,
     )
     return defaults
 
@@ -107,7 +131,39 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, benchmark_defaults(), help=BENCH_HELP)
     parser.add_argument("--json", nargs="?", const=True, default=False, type=str2bool, help=BENCH_HELP["json"])
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help=BENCH_HELP["compare"])
     return parser
+
+
+def parse_setting(text):
+    """``"precision=bf16,channels_last=True"`` -> {"precision": "bf16", "channels_last": True}."""
+    setting = {}
+    for item in [i.strip() for i in text.split(",") if i.strip()]:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or key not in COMPARE_FLAGS:
+            raise ValueError(f"--compare: {item!r} is not flag=value with a flag among {', '.join(COMPARE_FLAGS)}")
+        try:
+            setting[key] = value.strip() if key in ("precision", "use_fp16") else str2bool(value.strip())
+        except Exception as exc:  # argparse.ArgumentTypeError from str2bool
+            raise ValueError(f"--compare: {item!r}: {exc}") from None
+    return setting
+
+
+def _resolve_precision(cfg, cuda):
+    """Fill cfg's use_fp16, precision and dtype (the compute dtype's name)."""
+    use_fp16 = cfg["use_fp16"]
+    if cfg["precision"] in ("", "auto"):
+        use_fp16 = cuda if use_fp16 == "auto" else str2bool(use_fp16)
+        cfg["precision"] = prec.resolve_precision("auto", use_fp16)
+    else:
+        explicit = use_fp16 != "auto" and str2bool(use_fp16)
+        cfg["precision"] = prec.resolve_precision(cfg["precision"], explicit)
+    # float16 only runs on CUDA (cm.fp16_util.resolve_use_fp16 says so once per process)
+    if cfg["precision"] == "fp16" and not cuda:
+        cfg["precision"] = "fp32"
+    cfg["use_fp16"] = cfg["precision"] == "fp16"
+    cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg["precision"]]
 
 
 def resolve(args):
@@ -132,9 +188,15 @@ def resolve(args):
             raise ValueError(f"--{flag} must be positive, got {cfg[flag]}")
     if cfg["warmup"] < 0:
         raise ValueError(f"--warmup must be non-negative, got {cfg['warmup']}")
-    cfg["use_fp16"] = cuda if cfg["use_fp16"] == "auto" else str2bool(cfg["use_fp16"])
-    # float16 only runs on CUDA (cm.fp16_util.resolve_use_fp16 says so once per process)
-    cfg["dtype"] = "float16" if cfg["use_fp16"] and cuda else "float32"
+    settings = [{}] if not cfg.get("compare") else [parse_setting(t) for t in cfg["compare"]]
+    cfg["settings"] = []
+    for setting in settings:
+        one = dict(cfg, **setting)
+        _resolve_precision(one, cuda)
+        cfg["settings"].append({k: one[k] for k in ("precision", "channels_last", "compile", "use_fp16", "dtype")})
+    cfg.update(cfg["settings"][0])
+    if not cfg.get("compare"):
+        cfg["settings"] = None
     return cfg
 
 
@@ -172,6 +234,7 @@ def _train_loop_kwargs(cfg, model, diffusion):
         resume_checkpoint="",
         use_fp16=cfg["dtype"] == "float16",
         seed=cfg["seed"],
+        precision=cfg["precision"],
     )
 
 
@@ -181,9 +244,10 @@ def setup_edm_train(cfg, device):
 
     model, diffusion = create_model_and_diffusion(**_model_kwargs(cfg, dropout=cfg["edm_dropout"]))
     model.to(device)
+    _memory_format(cfg, model)
     loop = TrainLoop(**_train_loop_kwargs(cfg, model, diffusion))
     x, cond = _inputs(cfg, device)
-    return lambda: loop.run_step(x, cond), model
+    return lambda: loop.run_step(x, cond), model, [model]
 
 
 def setup_cd_train(cfg, device):
@@ -197,6 +261,7 @@ def setup_cd_train(cfg, device):
     teacher, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
     for m in (model, target, teacher):
         m.to(device)
+        _memory_format(cfg, m)
     if cfg["loss_norm"] == "lpips":
         diffusion.lpips_loss  # load the weights before timing
     ema_scale_fn = create_ema_and_scales_fn(
@@ -218,7 +283,12 @@ def setup_cd_train(cfg, device):
         **_train_loop_kwargs(cfg, model, diffusion),
     )
     x, cond = _inputs(cfg, device)
-    return lambda: loop.run_step(x, cond), model
+    return lambda: loop.run_step(x, cond), model, [model, target, teacher]
+
+
+def _memory_format(cfg, model):
+    if cfg["channels_last"]:
+        prec.to_channels_last(model)
 
 
 def _sampling_model(cfg, device, distillation):
@@ -229,6 +299,7 @@ def _sampling_model(cfg, device, distillation):
     model.to(device)
     if kwargs["use_fp16"]:
         model.convert_to_fp16()
+    _memory_format(cfg, model)
     return model.eval(), diffusion
 
 
@@ -241,13 +312,15 @@ def setup_onestep(cfg, device):
     shape = (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"])
     generator = get_generator("dummy")
 
+    net = prec.wrap(model, cfg["precision"])
+
     def step():
         return karras_sample(
-            diffusion, model, shape, steps=40, model_kwargs=cond, device=device, sampler="onestep",
+            diffusion, net, shape, steps=40, model_kwargs=cond, device=device, sampler="onestep",
             sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"], generator=generator,
         )
 
-    return step, model
+    return step, model, [model]
 
 
 def setup_heun_step(cfg, device):
@@ -262,10 +335,12 @@ def setup_heun_step(cfg, device):
     generator = get_generator("dummy")
     x = generator.randn(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"], device=device) * sigmas[0]
 
-    def denoiser(x_t, sigma):
-        return diffusion.denoise(model, x_t, sigma, **cond)[1].clamp(-1, 1)
+    net = prec.wrap(model, cfg["precision"])
 
-    return lambda: sample_heun(denoiser, x, sigmas, generator), model
+    def denoiser(x_t, sigma):
+        return diffusion.denoise(net, x_t, sigma, **cond)[1].clamp(-1, 1)
+
+    return lambda: sample_heun(denoiser, x, sigmas, generator), model, [model]
 
 
 SETUPS = {
@@ -294,12 +369,36 @@ def _current_rss_mib():
     return None
 
 
+def count_flops(fn):
+    """FLOPs of one call of ``fn`` (eager; torch's FlopCounterMode formulas)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _prepare(name, cfg, device):
+    """(step, model, FLOPs per iteration) of one setting; the counted iteration runs eagerly, then compile."""
+    step, model, networks = SETUPS[name](cfg, device)
+    flops = count_flops(step)
+    if cfg["compile"]:
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+        for net in networks:
+            prec.compile_model(net, device.type, log=log)
+    return step, model, flops
+
+
+def _settings(cfg):
+    """The per-setting configurations: one, or the two of --compare."""
+    return [dict(cfg, **setting) for setting in cfg.get("settings") or [{}]]
+
+
 def run_one(name, cfg):
-    """Set up and time one benchmark in this process; returns its result dict."""
+    """Set up and time one benchmark (both --compare settings, alternately) in this process."""
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     rss_start = _current_rss_mib()
-    torch.manual_seed(cfg["seed"])
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
 
@@ -307,30 +406,38 @@ def run_one(name, cfg):
         if cuda:
             torch.cuda.synchronize(device)
 
-    step, model = SETUPS[name](cfg, device)
+    prepared = []
+    for setting in _settings(cfg):
+        torch.manual_seed(cfg["seed"])
+        prepared.append((setting, *_prepare(name, setting, device)))
     for _ in range(cfg["warmup"]):
-        step()
+        for _, step, _, _ in prepared:
+            step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times = [[] for _ in prepared]
     for _ in range(cfg["repeats"]):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+        for i, (_, step, _, _) in enumerate(prepared):  # alternate: A, B, A, B, ...
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    runs = [_timing(cfg, setting, flops, t) for (setting, _, _, flops), t in zip(prepared, times)]
+    model = prepared[0][2]
     result = dict(
         name=name,
         description=DESCRIPTIONS[name],
         batch_size=cfg["batch_size"],
         evaluations_per_image=EVALUATIONS[name],
-        seconds=times,
-        median_s=median,
-        images_per_s=cfg["batch_size"] / median,
         parameters=sum(p.numel() for p in model.parameters()),
     )
+    if cfg.get("settings"):
+        result["settings"] = runs
+        result["speedup"] = runs[0]["median_s"] / runs[1]["median_s"]
+    else:
+        result.update(runs[0])
     if cuda:
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         result["peak_memory_kind"] = "cuda_allocated"
@@ -340,6 +447,18 @@ def run_one(name, cfg):
         if rss_start is not None:
             result["rss_before_setup_mib"] = rss_start
     return result
+
+
+def _timing(cfg, setting, flops, times):
+    median = statistics.median(times)
+    return dict(
+        setting={k: setting[k] for k in ("precision", "channels_last", "compile")},
+        seconds=times,
+        median_s=median,
+        images_per_s=cfg["batch_size"] / median,
+        flops_per_iteration=flops,
+        gflops_per_s=flops / median / 1e9,
+    )
 
 
 def _child(name, cfg, queue):
@@ -399,7 +518,7 @@ def run_benchmarks(cfg, progress=None):
             progress(name)
         results.append(run_isolated(name, cfg) if cfg["isolate"] else run_one(name, cfg))
     return dict(
-        config={k: cfg[k] for k in [*benchmark_defaults(), "dtype"]},
+        config={k: cfg[k] for k in [*benchmark_defaults(), "dtype", "compare", "settings"]},
         environment=environment(cfg),
         results=results,
     )
@@ -410,11 +529,14 @@ def format_table(report):
     env, cfg = report["environment"], report["config"]
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     head = (
-        f"device {env['device']} ({where}), {env['dtype']}, torch {env['torch']}; "
+        f"device {env['device']} ({where}), {_setting_name(cfg) if not cfg.get('settings') else 'compare'}, "
+        f"torch {env['torch']}; "
         f"image_size {cfg['image_size']}, num_channels {cfg['num_channels']}, num_res_blocks {cfg['num_res_blocks']}, "
         f"attention {cfg['attention_resolutions']}; median of {cfg['repeats']} after {cfg['warmup']} warm-up"
     )
-    header = ("benchmark", "batch", "evals/img", "ms/iter", "images/s", "peak MiB", "before MiB")
+    if cfg.get("settings"):
+        return "\n".join([head, "", format_compare(report)])
+    header = ("benchmark", "batch", "evals/img", "ms/iter", "images/s", "GFLOP/s", "peak MiB", "before MiB")
     rows = [
         (
             r["description"],
@@ -422,6 +544,7 @@ def format_table(report):
             str(r["evaluations_per_image"]),
             f"{1000 * r['median_s']:.1f}",
             f"{r['images_per_s']:.2f}",
+            f"{r['gflops_per_s']:.1f}" if "gflops_per_s" in r else "-",
             f"{r['peak_memory_mib']:.0f}",
             f"{r['rss_before_setup_mib']:.0f}" if "rss_before_setup_mib" in r else "-",
         )
@@ -435,6 +558,39 @@ def format_table(report):
         "process_rss_so_far": "peak MiB: peak RSS of this process so far (run with --isolate True for per-benchmark)",
     }
     return "\n".join([head, "", text_table(header, rows), ""] + [note[k] for k in sorted(kinds)])
+
+
+def _setting_name(setting):
+    """"bf16, channels-last, compiled" style name of a setting."""
+    parts = [{"fp32": "float32", "bf16": "bfloat16 autocast", "fp16": "float16"}.get(setting.get("precision"), "?")]
+    if setting.get("channels_last"):
+        parts.append("channels-last")
+    if setting.get("compile"):
+        parts.append("compiled")
+    return " + ".join(parts)
+
+
+def format_compare(report):
+    """The --compare table: per benchmark both settings' ms/iter, GFLOP/s and B's speed-up over A."""
+    a, b = (_setting_name(s) for s in report["config"]["settings"])
+    header = ("benchmark", "batch", "A ms/iter", "B ms/iter", "A GFLOP/s", "B GFLOP/s", "speed-up B/A")
+    rows = []
+    for r in report["results"]:
+        ra, rb = r["settings"]
+        rows.append(
+            (
+                r["description"],
+                str(r["batch_size"]),
+                f"{1000 * ra['median_s']:.1f}",
+                f"{1000 * rb['median_s']:.1f}",
+                f"{ra['gflops_per_s']:.1f}",
+                f"{rb['gflops_per_s']:.1f}",
+                f"{r['speedup']:.2f}x",
+            )
+        )
+    lines = [f"A: {a}", f"B: {b}", "", text_table(header, rows), ""]
+    lines.append("iterations of A and B alternate in one process; speed-up = median A time / median B time")
+    return "\n".join(lines)
 
 
 def text_table(header, rows):

@@ -125,6 +125,8 @@ class DemoConfig:
     heldout_fraction: float = 0.2
     log_interval: int = 10
     seed: int = 0
+    # network arithmetic of training and sampling (cm.precision): fp32 or bf16
+    precision: str = "fp32"
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -384,6 +386,7 @@ def model_flags(cfg):
         "--use_scale_shift_norm=True",
         "--resblock_updown=True",
         "--use_fp16=False",
+        f"--precision={cfg.precision}",
         "--dropout=0.0",
     ]
 

@@ -4,12 +4,20 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that always computes in float32 and returns the input's dtype."""
+    """GroupNorm that always computes in float32 and returns the input's dtype.
+
+    A bfloat16 input on a CPU goes straight to the mixed-dtype kernel, which
+    accumulates the statistics in float32 with the float32 affine parameters
+    (no float32 copy of the activations; bf16 autocast, `cm.precision`).
+    """
 
     def forward(self, x):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight is not None:
+            return F.group_norm(x, self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return super().forward(x.float()).type(x.dtype)
 
 
@@ -87,10 +95,14 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 def update_ema(target_params, source_params, rate=0.99):
-    """target ← rate·target + (1−rate)·source, in place."""
+    """target ← rate·target + (1−rate)·source, in place (fused foreach kernels, same arithmetic)."""
+    pairs = list(zip(target_params, source_params))
+    if not pairs:
+        return
     with torch.no_grad():
-        for targ, src in zip(target_params, source_params):
-            targ.mul_(rate).add_(src.to(targ.dtype), alpha=1 - rate)
+        targets = [targ for targ, _ in pairs]
+        torch._foreach_mul_(targets, rate)
+        torch._foreach_add_(targets, [src.to(targ.dtype) for targ, src in pairs], alpha=1 - rate)
 
 
 def checkpoint(func, inputs, params, flag):

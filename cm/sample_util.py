@@ -42,6 +42,7 @@ from .checkpoint import CheckpointError
 from .cli import OneLineArgumentParser, UsageError
 from .fileio import write_atomic
 from .fp16_util import resolve_use_fp16
+from .precision import add_speed_flags, prepare_from_args
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
 from .script_util import (
@@ -91,6 +92,7 @@ def create_argparser(defaults=None, description=None, help=None):
     parser = OneLineArgumentParser(description=description)
     defaults = sample_flag_defaults() if defaults is None else defaults
     add_dict_to_argparser(parser, defaults, help={**SAMPLE_HELP, **(help or {})})
+    add_speed_flags(parser)
     return parser
 
 
@@ -214,6 +216,7 @@ def load_model_and_diffusion(args, device=None, state_dict=None):
     model.to(device if device is not None else dist_util.dev())
     if resolve_use_fp16(args.use_fp16):
         model.convert_to_fp16()
+    prepare_from_args(model, args, next(model.parameters()).device.type)
     model.eval()
     return model, diffusion, prefix
 

@@ -75,6 +75,7 @@ from .fp16_util import (
     master_params_to_state_dict,
 )
 from .nn import update_ema
+from .precision import resolve_precision, wrap as precision_wrap
 from .opt_layout import is_original_fp16_layout, to_per_parameter
 from .recipes import RECIPE_MODES  # iCT/ECT: the online network under no_grad is the target
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
@@ -411,6 +412,7 @@ class TrainLoop:
         total_training_steps=0,
         logging_dir=None,
         seed=None,
+        precision=None,
         max_bad_steps=20,
         run_flags=None,
     ):
@@ -445,6 +447,9 @@ class TrainLoop:
         self.run_flags = run_flags
         self._weights_only = False  # resumed from a file that is not modelNNNNNN.pt
 
+        # bf16: autocast network calls over float32 weights (cm.precision); None = from use_fp16
+        self.precision = resolve_precision(precision, use_fp16)
+        use_fp16 = self.precision == "fp16"
         self.resume_checkpoint = self._resolve_resume(resume_checkpoint)
         self._last_checkpoint = self.resume_checkpoint
         if self.rank == 0 and self.resume_checkpoint:
@@ -680,6 +685,10 @@ class TrainLoop:
         for i in range(0, n, self.microbatch):
             yield slice(i, i + self.microbatch), i + self.microbatch >= n
 
+    def _net(self, model):
+        """``model`` as the losses call it: under bf16 autocast when --precision bf16."""
+        return precision_wrap(model, self.precision)
+
     def _sync_context(self, last):
         """Gradients are all-reduced in the last micro-batch's backward only."""
         if isinstance(self.ddp_model, DDP) and not last:
@@ -709,7 +718,7 @@ class TrainLoop:
         for part, last in self._micro_batches(batch, cond):
             with self._sync_context(last):
                 losses = self.diffusion.training_losses(
-                    self.ddp_model,
+                    self._net(self.ddp_model),
                     batch[part],
                     sigmas[part],
                     model_kwargs={k: v[part] for k, v in cond.items()},
@@ -918,22 +927,22 @@ class CMTrainLoop(TrainLoop):
                     losses = self._recipe_losses(batch[part], num_scales, micro_cond)
                 elif self.training_mode == "progdist":
                     losses = self.diffusion.progdist_losses(
-                        self.ddp_model,
+                        self._net(self.ddp_model),
                         batch[part],
                         num_scales,
                         model_kwargs=micro_cond,
-                        teacher_model=self.teacher_model,
+                        teacher_model=self._net(self.teacher_model),
                         teacher_diffusion=self.teacher_diffusion,
                     )
                 else:
                     distill = self.training_mode == "consistency_distillation"
                     losses = self.diffusion.consistency_losses(
-                        self.ddp_model,
+                        self._net(self.ddp_model),
                         batch[part],
                         num_scales,
                         model_kwargs=micro_cond,
-                        target_model=self.target_model,
-                        teacher_model=self.teacher_model if distill else None,
+                        target_model=self._net(self.target_model),
+                        teacher_model=self._net(self.teacher_model) if distill else None,
                         teacher_diffusion=self.teacher_diffusion if distill else None,
                     )
                 self._backward(losses["loss"].sum() / n)

@@ -23,6 +23,7 @@ from cm import dist_util, logger
 from cm.checkpoint import load_model_state, read_checkpoint
 from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
 from cm.model_files import adopt_network_flags
+from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,
     RECIPE_MODES,
@@ -67,6 +68,7 @@ def create_argparser():
     defaults.update(recipe_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP})
+    add_speed_flags(parser)
     return parser
 
 
@@ -75,6 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     preset = apply_recipe_preset(args, explicit_flags(parser, argv))
     check_recipe_args(args)
+    resolve_speed_args(args)
     if args.training_mode not in CM_TRAINING_MODES:
         raise ValueError(
             f"--training_mode {args.training_mode} is not trained by cm_train.py; "
@@ -137,6 +140,10 @@ def main(argv=None):
         target_model, _ = create_model_and_diffusion(**model_kwargs)
         target_model.to(dist_util.dev())
 
+    for net in (model, teacher_model, target_model):
+        if net is not None:
+            prepare_from_args(net, args, dist_util.dev().type)
+
     # each rank checks its own shard: agree on failure before the next collective
     data = on_all_ranks(
         lambda: load_training_data(
@@ -172,6 +179,7 @@ def main(argv=None):
         lr_anneal_steps=args.lr_anneal_steps,
         logging_dir=log_dir,
         seed=args.seed,
+        precision=args.precision,
         max_bad_steps=args.max_bad_steps,
         run_flags=vars(args),
         huber_c=args.huber_c if args.training_mode in RECIPE_MODES else None,

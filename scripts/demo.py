@@ -18,6 +18,7 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
 
 from cm.cli import OneLineArgumentParser
 from cm.demo import DemoConfig, DemoError, default_config, quick_config, run_demo
+from cm.precision import PRECISIONS
 
 HELP = {
     "image_size": "side of the digits in pixels (8: native; larger: bicubic upscaling, with a matching "
@@ -58,6 +59,7 @@ HELP = {
     "heldout_fraction": "fraction of the digits held out for evaluation",
     "log_interval": "steps between logged training rows",
     "seed": "seed of the split, classifier, training and sampling",
+    "precision": "network arithmetic of training and sampling: fp32 or bf16 (autocast, float32 weights)",
 }
 
 
@@ -75,6 +77,8 @@ def main(argv=None):
     fields = [f.name for f in dataclasses.fields(DemoConfig)]
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.precision not in PRECISIONS:
+        parser.error(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     try:
         run_demo(args.out, cfg)
     except DemoError as e:

@@ -24,6 +24,7 @@ from cm.script_util import (
     train_defaults,
 )
 from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
+from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.train_util import TrainLoop, load_training_data, per_rank_batch_size
 
 HELP = {
@@ -42,11 +43,13 @@ def create_argparser():
     defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0, random_flip=True)
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults, help=HELP)
+    add_speed_flags(parser)
     return parser
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    resolve_speed_args(args)
     if args.schedule_sampler == "uniform":
         raise ValueError(
             "--schedule_sampler uniform draws grid indices, which the original fed to the EDM loss as if they "
@@ -60,6 +63,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
     model.to(dist_util.dev())
+    prepare_from_args(model, args, dist_util.dev().type)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     # each rank checks its own shard: agree on failure before the next collective
     data = on_all_ranks(
@@ -92,6 +96,7 @@ def main(argv=None):
         total_training_steps=args.total_training_steps,
         logging_dir=log_dir,
         seed=args.seed,
+        precision=args.precision,
         max_bad_steps=args.max_bad_steps,
         run_flags=vars(args),
     )

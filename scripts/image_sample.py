@@ -15,6 +15,7 @@ import sys
 from cm import dist_util, logger
 from cm.cli import run_cli
 from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
+from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_sample_args,
     create_argparser,
@@ -33,6 +34,7 @@ def main(argv=None):
     network = adopt_network_flags(args, "model_path", sample_flag_defaults(), SAMPLING_FLAGS)
     ts, class_labels = check_sample_args(args)
     sigmas = parse_sigmas(args.sigmas, args.sampler, args.sigma_min, args.sigma_max)
+    resolve_speed_args(args)
 
     dist_util.setup_dist()
     # Everything that can fail on user input happens before the logging dir is created.
@@ -44,7 +46,7 @@ def main(argv=None):
 
     logger.log(f"sampling {args.num_samples} images with {args.sampler} ({args.training_mode} scalings)...")
     images, labels = sample_images(
-        model,
+        wrap(model, args.precision),
         diffusion,
         num_samples=args.num_samples,
         batch_size=args.batch_size,

@@ -16,6 +16,7 @@ from cm import dist_util, logger
 from cm.cli import UsageError, run_cli
 from cm.fileio import write_atomic
 from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
+from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_common_args,
     create_argparser,
@@ -100,6 +101,7 @@ def main(argv=None):
     # a self-describing file (EDM .pkl, JAX/Flax checkpoint) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", search_defaults(), SAMPLING_FLAGS)
     class_labels, lo, hi, begin, end = check_search_args(args)
+    resolve_speed_args(args)
 
     dist_util.setup_dist()
     device = dist_util.dev()
@@ -114,7 +116,7 @@ def main(argv=None):
 
     def fid_at(t):
         fid = multistep_fid(
-            model,
+            wrap(model, args.precision),
             diffusion,
             t,
             inception,

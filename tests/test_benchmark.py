@@ -55,6 +55,7 @@ def test_json_in_process_every_benchmark():
         assert r["peak_memory_kind"] == "process_rss_so_far"
     env, cfg = report["environment"], report["config"]
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["threads"] == 1
+    assert all(r["gflops_per_s"] > 0 and r["flops_per_iteration"] > 0 for r in report["results"])
     assert cfg["image_size"] == 8 and cfg["attention_resolutions"] == "4" and cfg["class_cond"] is True
     assert cfg["benchmarks"] == list(benchmark.BENCHMARKS)
 
@@ -116,4 +117,35 @@ def test_format_table_layout():
     text = benchmark.format_table(report)
     row = [line for line in text.splitlines() if line.startswith("| one-step")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["one-step CM sampling", "8", "1", "500.0", "16.00", "900", "300"]
+    assert cells == ["one-step CM sampling", "8", "1", "500.0", "16.00", "-", "900", "300"]
+
+
+def test_compare_alternates_two_settings_and_counts_flops():
+    args = [*TINY, "--isolate=False", "--benchmarks=onestep", "--compare", "precision=fp32", "precision=bf16"]
+    cfg = benchmark.resolve(benchmark.create_argparser().parse_args(args))
+    assert [s["precision"] for s in cfg["settings"]] == ["fp32", "bf16"]
+    report = benchmark.run_benchmarks(cfg)
+    (r,) = report["results"]
+    a, b = r["settings"]
+    assert (a["setting"]["precision"], b["setting"]["precision"]) == ("fp32", "bf16")
+    for s in (a, b):
+        assert len(s["seconds"]) == 2 and s["flops_per_iteration"] > 0 and s["gflops_per_s"] > 0
+    assert a["flops_per_iteration"] == b["flops_per_iteration"]  # same network, same count
+    assert r["speedup"] == pytest.approx(a["median_s"] / b["median_s"])
+    text = benchmark.format_table(report)
+    assert "A: float32" in text and "B: bfloat16 autocast" in text
+    row = [line for line in text.splitlines() if line.startswith("| one-step")][0]
+    assert row.rstrip(" |").endswith("x")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--compare", "precision=fp32", "bogus=1"], "--compare"),
+        (["--precision=bf16", "--use_fp16=True"], "contradicts --use_fp16 True"),
+        (["--precision=int8"], "--precision must be"),
+    ],
+)
+def test_bad_speed_flags(flags, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.resolve(benchmark.create_argparser().parse_args(["--device=cpu", *flags]))

@@ -4,6 +4,7 @@ No assertion is made on sample quality or time; the quick preset trains for a
 handful of steps.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -105,14 +106,15 @@ def test_sampler_evaluation_counts():
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--quick", "--out", str(out)],
+        # in bf16 (issue 11): the quick run covers the demo's --precision path; fp32 is every other script test's
+        [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--quick", "--out", str(out), "--precision", "bf16"],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=str(out.parent),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout, demo.quick_config()
+    return out, proc.stdout, dataclasses.replace(demo.quick_config(), precision="bf16")
 
 
 def test_quick_run_writes_the_digits_folder(quick_run):
@@ -183,6 +185,8 @@ def test_quick_run_results_json(quick_run):
     assert "--init_from=none" in results["commands"]["ict_train"]
     assert any(a.startswith("--init_from=") and a.endswith(".pt") for a in results["commands"]["ect_train"])
     assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"
+    for name in ("edm_train", "cm_train", "sample_onestep"):
+        assert "--precision=bf16" in results["commands"][name]
     assert results["timings_s"]["total"] > 0
 
 
