@@ -25,6 +25,7 @@ from PIL import Image
 from cm import dist_util, faults, run_metadata
 from cm.image_datasets import DataError, ImageDataset
 from cm.train_util import StepBatches
+from launchers import MPIEXEC
 from test_train_scripts import ROOT, SCRIPTS, SMALL, env, ok, same_state, script, wait_for
 
 EDM = f"{SMALL} --global_batch_size 4"
@@ -419,7 +420,7 @@ def _kill_rank1(launcher_pid):
 
 
 LAUNCHERS = {
-    "mpiexec": ["mpiexec", "-n", "2", sys.executable],
+    "mpiexec": [MPIEXEC or "mpiexec", "-n", "2", sys.executable],
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
 }
 
@@ -428,7 +429,7 @@ def two_ranks(launcher, flags):
     return LAUNCHERS[launcher] + [os.path.join(SCRIPTS, "edm_train.py"), *shlex.split(flags)]
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (on PATH or next to sys.executable)")
 def test_killed_rank_ends_the_job_and_auto_resume_matches_a_straight_run(few_digits, tmp_path):
     good, _, _ = few_digits
     common = f"{EDM} --data_dir {good} --dist_timeout {DIST_TIMEOUT}"
@@ -460,7 +461,7 @@ def test_killed_rank_ends_the_job_and_auto_resume_matches_a_straight_run(few_dig
             assert ours[step]["loss"] == theirs[step]["loss"], (launcher, step)
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (on PATH or next to sys.executable)")
 def test_save_failure_on_rank0_stops_every_rank(few_digits, tmp_path):
     # a file-size limit would also stop MPI's own start-up (shared-memory files), so the
     # save fails another real way: a folder sits where the optimiser file must go

@@ -7,7 +7,6 @@ mpiexec rank); the two-process runs of all six tasks are one mpiexec launch
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,10 +23,11 @@ from cm.script_util import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 from edit_tasks import TASK_FLAGS  # noqa: E402
+from launchers import MPIEXEC  # noqa: E402
 from test_image_sample import one_thread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HAVE_MPIEXEC = shutil.which("mpiexec") is not None
+HAVE_MPIEXEC = MPIEXEC is not None
 JOB_TIMEOUT_S = 400
 TINY = dict(
     image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
@@ -94,7 +94,7 @@ def mpi_run(data, tmp_path_factory):
         yield None
         return
     out = tmp_path_factory.mktemp("edit_mpi")
-    cmd = ["mpiexec", "-n", "2", sys.executable, str(ROOT / "tests" / "dist_scripts" / "edit_tasks.py"), str(out), "--",
+    cmd = [MPIEXEC, "-n", "2", sys.executable, str(ROOT / "tests" / "dist_scripts" / "edit_tasks.py"), str(out), "--",
            "--input", str(data["dir"] / "imgs"), *common_flags(data, 2)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
