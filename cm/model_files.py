@@ -9,6 +9,7 @@ Add a format by adding its suffix and reader to `READERS`.
 
 import os
 
+from .checkpoint import load_model_state, read_checkpoint
 from .cli import UsageError
 
 # flags that fix the network's structure: a file that describes itself decides them
@@ -111,3 +112,21 @@ def adopt_network_flags(args, flag, defaults, keys=STRUCTURE_FLAGS):
             raise UsageError(f"--{key} {given} contradicts --{flag} {path}, which holds {key}={flags[key]}")
         setattr(args, key, flags[key])
     return model, flags
+
+
+def load_network_weights(model, path, network, flag):
+    """Load the ``--<flag>`` file ``path`` into ``model``.
+
+    ``network`` is what `adopt_network_flags` returned for it: (model, flags) of a
+    self-describing file, whose weights are taken; None for a plain checkpoint,
+    which is read (missing: one line naming the flag). A state that does not fit
+    ``model`` is a one-line CheckpointError.
+    """
+    if network is not None:
+        state = network[0].state_dict()
+    else:
+        try:
+            state = read_checkpoint(path)
+        except FileNotFoundError:
+            raise UsageError(f"--{flag} {path}: no such file") from None
+    load_model_state(model, state, f"--{flag} {path}")

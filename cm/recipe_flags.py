@@ -7,8 +7,8 @@ their defaults untouched.
 
 import argparse
 
-from .checkpoint import load_model_state, read_checkpoint
 from .cli import UsageError
+from .model_files import load_network_weights
 from .recipes import RECIPE_MODES, pseudo_huber_c
 
 
@@ -97,11 +97,4 @@ def load_init_weights(model, path, network=None):
     """
     if path in ("", "none"):
         return
-    if network is not None:
-        state = network[0].state_dict()
-    else:
-        try:
-            state = read_checkpoint(path)
-        except FileNotFoundError:
-            raise UsageError(f"--init_from {path}: no such file") from None
-    load_model_state(model, state, f"--init_from {path}")
+    load_network_weights(model, path, network, "init_from")

@@ -20,9 +20,8 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
 import torch
 
 from cm import dist_util, logger
-from cm.checkpoint import load_model_state, read_checkpoint
 from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
-from cm.model_files import adopt_network_flags
+from cm.model_files import adopt_network_flags, load_network_weights
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,
@@ -131,8 +130,7 @@ def main(argv=None):
     if args.teacher_model_path:
         teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
-        teacher_state = teacher_file[0].state_dict() if teacher_file else read_checkpoint(args.teacher_model_path)
-        load_model_state(teacher_model, teacher_state, args.teacher_model_path)
+        load_network_weights(teacher_model, args.teacher_model_path, teacher_file, "teacher_model_path")
         teacher_model.to(dist_util.dev())
 
     target_model = None
