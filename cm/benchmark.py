@@ -312,7 +312,7 @@ def setup_onestep(cfg, device):
     shape = (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"])
     generator = get_generator("dummy")
 
-    net = prec.wrap(model, cfg["precision"])
+    net = prec.wrap(model, cfg["precision"], frozen=True)
 
     def step():
         return karras_sample(
@@ -335,7 +335,7 @@ def setup_heun_step(cfg, device):
     generator = get_generator("dummy")
     x = generator.randn(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"], device=device) * sigmas[0]
 
-    net = prec.wrap(model, cfg["precision"])
+    net = prec.wrap(model, cfg["precision"], frozen=True)
 
     def denoiser(x_t, sigma):
         return diffusion.denoise(net, x_t, sigma, **cond)[1].clamp(-1, 1)

@@ -179,10 +179,10 @@ class MixedPrecisionTrainer:
     def norms(self, grad_scale=1.0):
         """(gradient L2 norm / grad_scale, parameter L2 norm) of the master parameters."""
         with torch.no_grad():
-            grads = [p.grad.float().norm() for p in self.master_params if p.grad is not None]
-            params = [p.float().norm() for p in self.master_params]
-            grad_norm = torch.stack(grads).norm().item() / grad_scale if grads else 0.0
-            param_norm = torch.stack(params).norm().item() if params else 0.0
+            grads = [p.grad.float() for p in self.master_params if p.grad is not None]
+            params = [p.float() for p in self.master_params]
+            grad_norm = torch.stack(torch._foreach_norm(grads)).norm().item() / grad_scale if grads else 0.0
+            param_norm = torch.stack(torch._foreach_norm(params)).norm().item() if params else 0.0
         return grad_norm, param_norm
 
     def master_params_to_state_dict(self, master_params=None):

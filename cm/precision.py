@@ -26,6 +26,7 @@ import importlib
 import shutil
 
 import torch
+from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_HELP = "fp32, bf16 (autocast, float32 weights) or fp16 (as --use_fp16 True); auto: fp16 iff --use_fp16 True"
@@ -73,9 +74,45 @@ class AutocastModel:
         return getattr(self.__dict__["model"], name)
 
 
-def wrap(model, precision):
-    """``model`` itself unless ``precision`` is bf16, then an `AutocastModel` around it."""
-    return AutocastModel(model, precision) if precision == "bf16" else model
+def wrap(model, precision, frozen=False):
+    """``model`` itself unless ``precision`` is bf16, then an `AutocastModel` around it.
+
+    ``frozen=True`` (sampling, a distillation teacher: weights that no optimiser
+    touches) also stores the network's convolution and linear weights in
+    bfloat16 once (`store_bf16_weights`), which gives the same numbers as
+    casting them on every call.
+    """
+    if precision != "bf16":
+        return model
+    if frozen:
+        store_bf16_weights(model)
+    return AutocastModel(model, precision)
+
+
+def _weight_layers():
+    from . import song_unet
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, song_unet.Conv2d, song_unet.Linear)
+
+
+def store_bf16_weights(model):
+    """Keep a frozen network's convolution and linear parameters in bfloat16 (in place); returns it.
+
+    Under bf16 autocast these layers cast their float32 weights and biases to
+    bfloat16 (round to nearest even) on every call, and autocast's cast cache
+    holds those copies for the whole call. Casting once gives the same bfloat16
+    values, so the outputs are bit for bit those of plain autocast, while the
+    per-call casts and the float32 copies go: half the weight memory.
+    Normalisation and embedding parameters and all buffers stay as they are.
+    Only for weights that no optimiser updates.
+    """
+    layers = _weight_layers()
+    for module in model.modules():
+        if isinstance(module, layers):
+            for name, param in module.named_parameters(recurse=False):
+                if param.dtype == torch.float32:
+                    param.data = param.data.to(torch.bfloat16)
+    return model
 
 
 # ----------------------------------------------------------------------------

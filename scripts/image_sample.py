@@ -46,7 +46,7 @@ def main(argv=None):
 
     logger.log(f"sampling {args.num_samples} images with {args.sampler} ({args.training_mode} scalings)...")
     images, labels = sample_images(
-        wrap(model, args.precision),
+        wrap(model, args.precision, frozen=True),
         diffusion,
         num_samples=args.num_samples,
         batch_size=args.batch_size,

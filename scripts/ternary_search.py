@@ -116,7 +116,7 @@ def main(argv=None):
 
     def fid_at(t):
         fid = multistep_fid(
-            wrap(model, args.precision),
+            wrap(model, args.precision, frozen=True),
             diffusion,
             t,
             inception,

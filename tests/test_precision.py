@@ -21,6 +21,7 @@ from cm.precision import (
     compile_unavailable_reason,
     prepare_model,
     resolve_precision,
+    store_bf16_weights,
     wrap,
 )
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -136,6 +137,35 @@ def test_bf16_output_matches_fp32_within_bf16_tolerance():
     assert 0 < rel < 3e-2  # bf16 has an 8-bit mantissa (2^-8 ≈ 4e-3 per rounding)
     # without the flag nothing changes: wrap is the identity for fp32
     assert wrap(model, "fp32") is model
+
+
+@pytest.mark.parametrize("arch", ["adm", "ddpmpp"])
+def test_frozen_bf16_weights_give_autocast_numbers_bit_for_bit(arch):
+    """Sampling and a distillation teacher store their weights in bf16 once: same output, half the memory."""
+    import copy
+
+    model, _ = tiny(arch=arch, dropout=0.0)
+    randomise_zero_layers(model)
+    model.eval()
+    x, t, y = inputs()
+    frozen = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = wrap(model, "bf16")(x, t.exp(), y=y)
+        out = wrap(frozen, "bf16", frozen=True)(x, t.exp(), y=y)
+    assert torch.equal(out, ref)
+    dtypes = {n: p.dtype for n, p in frozen.named_parameters()}
+    assert any(d == torch.bfloat16 for d in dtypes.values())
+    # normalisation parameters stay float32 (their statistics are float32)
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n)
+    weight_bytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert weight_bytes(frozen) < 0.6 * weight_bytes(model)
+    # the trainable copy is untouched, and storing twice changes nothing
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    store_bf16_weights(frozen)
+    with torch.no_grad():
+        assert torch.equal(wrap(frozen, "bf16")(x, t.exp(), y=y), ref)
+    # without bf16, frozen changes nothing
+    assert wrap(model, "fp32", frozen=True) is model and all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_groupnorm32_bf16_keeps_float32_statistics():
@@ -279,3 +309,21 @@ def test_autocast_model_delegates_attributes():
     wrapped = AutocastModel(model, "bf16")
     assert wrapped.num_classes == model.num_classes
     assert list(wrapped.parameters())[0] is list(model.parameters())[0]
+
+
+def test_bf16_cpu_attention_matches_float32_attention():
+    """The bf16 CPU attention path (bf16 products, float32 softmax) against float32 SDPA, values and gradients."""
+    from cm.unet import QKVAttention
+
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 3 * 4 * 16, 64, generator=g)
+    attn = QKVAttention(4)
+    ref_in = qkv.clone().requires_grad_(True)
+    ref = attn(ref_in)
+    ref.square().sum().backward()
+    low_in = qkv.to(torch.bfloat16).requires_grad_(True)
+    low = attn(low_in)
+    assert low.dtype == torch.bfloat16
+    low.float().square().sum().backward()
+    assert (low.float() - ref).norm() / ref.norm() < 2e-2
+    assert (low_in.grad.float() - ref_in.grad).norm() / ref_in.grad.norm() < 5e-2
