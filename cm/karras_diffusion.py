@@ -213,7 +213,10 @@ class KarrasDenoiser:
         )
         return {"loss": loss, "sigmas": t}
 
-    def ict_losses(self, model, x_start, num_scales, model_kwargs=None, target_model=None, huber_c=None, noise=None):
+    def ict_losses(
+        self, model, x_start, num_scales, model_kwargs=None, target_model=None, huber_c=None, noise=None,
+        p_mean=recipes.P_MEAN, p_std=recipes.P_STD,
+    ):
         """iCT loss terms: adjacent levels of the N-point grid drawn from the discretised log-normal.
 
         No teacher and no EMA target: θ⁻ = stopgrad θ (``target_model`` is the
@@ -226,7 +229,8 @@ class KarrasDenoiser:
         if huber_c is None:
             huber_c = recipes.pseudo_huber_c(x_start[0].numel())
         lo, hi, weights = recipes.ict_draw(
-            num_scales, x_start.shape[0], self.sigma_min, self.sigma_max, self.rho, device=x_start.device
+            num_scales, x_start.shape[0], self.sigma_min, self.sigma_max, self.rho, device=x_start.device,
+            p_mean=p_mean, p_std=p_std,
         )
         loss = losses.consistency_loss(
             self._denoiser(model, model_kwargs),
@@ -241,13 +245,14 @@ class KarrasDenoiser:
         return {"loss": loss, "sigmas": hi, "r": lo}
 
     def ect_losses(
-        self, model, x_start, stage, model_kwargs=None, target_model=None, q=2.0, huber_c=0.0, noise=None
+        self, model, x_start, stage, model_kwargs=None, target_model=None, q=2.0, huber_c=0.0, noise=None,
+        p_mean=recipes.P_MEAN, p_std=recipes.P_STD,
     ):
         """ECT loss terms: t ~ log-normal, r = r(t, stage), one ε, the online weights for both calls."""
         model_kwargs = model_kwargs or {}
         if noise is None:
             noise = torch.randn_like(x_start)
-        t = recipes.ect_draw_t(x_start.shape[0], device=x_start.device)
+        t = recipes.ect_draw_t(x_start.shape[0], p_mean, p_std, device=x_start.device)
         r = recipes.ect_r(t, stage, q=q)
         target = self._denoiser(target_model, model_kwargs) if target_model is not None else None
         loss = losses.ect_loss(self._denoiser(model, model_kwargs), x_start, t, r, noise, huber_c, target)

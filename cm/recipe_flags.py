@@ -9,12 +9,12 @@ import argparse
 
 from .cli import UsageError
 from .model_files import load_network_weights
-from .recipes import RECIPE_MODES, pseudo_huber_c
+from .recipes import P_MEAN, P_STD, RECIPE_MODES, pseudo_huber_c
 
 
 def recipe_flag_defaults():
     """Flags added to cm_train.py for the recipes."""
-    return dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0)
+    return dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD)
 
 
 RECIPE_FLAG_HELP = {
@@ -22,6 +22,8 @@ RECIPE_FLAG_HELP = {
     "an EDM/ECT .pkl (sets the network flags), or 'none' for random weights; ect requires it",
     "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
+    "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
+    "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 
@@ -82,6 +84,8 @@ def check_recipe_args(args):
         raise UsageError(f"--ect_double must be a positive number of steps, got {args.ect_double}")
     if args.ect_q <= 1:
         raise UsageError(f"--ect_q must be larger than 1, got {args.ect_q}")
+    if not args.p_std > 0:
+        raise UsageError(f"--p_std must be positive, got {args.p_std}")
     if args.huber_c < 0:
         raise UsageError(f"--huber_c must be non-negative, got {args.huber_c}")
 

@@ -55,10 +55,13 @@ def pseudo_huber_c(dim):
     return 0.00054 * math.sqrt(dim)
 
 
-def ict_draw(num_points, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, device="cpu", generator=None):
+def ict_draw(
+    num_points, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, device="cpu", generator=None,
+    p_mean=P_MEAN, p_std=P_STD,
+):
     """(σ_i, σ_{i+1}, weight) for n samples: i from the discretised log-normal on the N-point grid."""
     sigmas = ict_sigmas(num_points, sigma_min, sigma_max, rho)
-    i = torch.multinomial(ict_index_probs(sigmas), n, replacement=True, generator=generator)
+    i = torch.multinomial(ict_index_probs(sigmas, p_mean, p_std), n, replacement=True, generator=generator)
     weights = ict_weights(sigmas)[i]
     return tuple(v.float().to(device) for v in (sigmas[i], sigmas[i + 1], weights))
 

@@ -75,8 +75,9 @@ from .fp16_util import (
     master_params_to_state_dict,
 )
 from .nn import update_ema
-from .precision import resolve_precision, wrap as precision_wrap
+from .precision import resolve_precision, store_bf16_weights, wrap as precision_wrap
 from .opt_layout import is_original_fp16_layout, to_per_parameter
+from . import recipes
 from .recipes import RECIPE_MODES  # iCT/ECT: the online network under no_grad is the target
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
@@ -804,7 +805,7 @@ class CMTrainLoop(TrainLoop):
     (`RECIPE_MODES`) have neither teacher nor target model: the online network
     under no_grad is the target; ``ema_scale_fn`` gives (0, N) for iCT and
     (0, stage) for ECT (`cm.recipes`); ``huber_c`` (None: iCT's 0.00054·√d,
-    ECT's 0) and ``ect_q`` configure their losses.
+    ECT's 0), ``ect_q`` and ``p_mean``/``p_std`` (ln t ~ N(p_mean, p_std²)) configure their losses.
     """
 
     def __init__(
@@ -818,6 +819,8 @@ class CMTrainLoop(TrainLoop):
         total_training_steps,
         huber_c=None,
         ect_q=2.0,
+        p_mean=recipes.P_MEAN,
+        p_std=recipes.P_STD,
         **kwargs,
     ):
         if training_mode not in CM_TRAINING_MODES:
@@ -835,6 +838,7 @@ class CMTrainLoop(TrainLoop):
         self.ema_scale_fn = ema_scale_fn
         self.target_master_params = None
         self.huber_c, self.ect_q = huber_c, ect_q
+        self.noise_levels = dict(p_mean=p_mean, p_std=p_std)  # ECT's t, iCT's index distribution
         super().__init__(total_training_steps=total_training_steps, **kwargs)
         if self.lr_anneal_steps and self.lr_anneal_steps < total_training_steps:
             logger.log(
@@ -878,6 +882,8 @@ class CMTrainLoop(TrainLoop):
             self.teacher_model.eval()
             if self.use_fp16:
                 self.teacher_model.convert_to_fp16()
+            if self.precision == "bf16" and self.training_mode == "consistency_distillation":
+                store_bf16_weights(self.teacher_model)  # frozen: autocast's numbers, cast once
 
     def run_step(self, batch, cond):
         self._seed_step()
@@ -958,7 +964,13 @@ class CMTrainLoop(TrainLoop):
         """iCT (N = ``num_scales``) or ECT (stage = ``num_scales``) loss terms, online weights as target."""
         if self.training_mode == "ict":
             return self.diffusion.ict_losses(
-                self.ddp_model, x_start, num_scales, model_kwargs=cond, target_model=self.model, huber_c=self.huber_c
+                self.ddp_model,
+                x_start,
+                num_scales,
+                model_kwargs=cond,
+                target_model=self.model,
+                huber_c=self.huber_c,
+                **self.noise_levels,
             )
         return self.diffusion.ect_losses(
             self.ddp_model,
@@ -968,6 +980,7 @@ class CMTrainLoop(TrainLoop):
             target_model=self.model,
             q=self.ect_q,
             huber_c=self.huber_c or 0.0,
+            **self.noise_levels,
         )
 
     def _update_target_ema(self):

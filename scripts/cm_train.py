@@ -182,6 +182,8 @@ def main(argv=None):
         run_flags=vars(args),
         huber_c=args.huber_c if args.training_mode in RECIPE_MODES else None,
         ect_q=args.ect_q,
+        p_mean=args.p_mean,
+        p_std=args.p_std,
     )
 
     logger.configure(dir=log_dir)

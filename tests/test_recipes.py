@@ -118,6 +118,20 @@ def test_ict_loss_is_zero_for_the_exact_consistency_function_and_positive_where_
     assert out["loss"][~touches].abs().max() < 1e-5
 
 
+def test_p_mean_and_p_std_move_the_noise_levels_both_losses_draw():
+    """--p_mean/--p_std: ECT's t and iCT's grid index follow ln t ~ N(p_mean, p_std²)."""
+    torch.manual_seed(0)
+    exact = ExactDenoiser(exact_f(0.0))
+    default = exact.ect_losses(None, batch(), 1)["sigmas"]
+    assert abs(default.log().mean().item() - recipes.P_MEAN) < 0.4
+    moved = exact.ect_losses(None, batch(), 1, p_mean=1.5, p_std=0.1)["sigmas"]
+    assert abs(moved.log().mean().item() - 1.5) < 0.05 and moved.log().std().item() < 0.2
+    ict = ExactDenoiser(exact_f(SIGMA_MIN)).ict_losses(None, batch(), 1281, p_mean=1.5, p_std=0.1)
+    assert abs(ict["sigmas"].log().mean().item() - 1.5) < 0.05
+    sigmas = recipes.ict_sigmas(11)
+    assert not torch.allclose(recipes.ict_index_probs(sigmas, 1.5, 0.5), recipes.ict_index_probs(sigmas))
+
+
 @pytest.mark.parametrize("stage", [0, 2, 6])
 def test_ect_loss_is_zero_for_the_exact_consistency_function_and_positive_where_wrong(stage):
     # ECT's target at r = 0 is x itself: the consistency function with its boundary at σ = 0 (f = μ for σ > 0)
