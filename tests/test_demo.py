@@ -57,13 +57,6 @@ def test_upscale_and_cifar_style_names(tmp_path):
             np.testing.assert_array_equal(np.asarray(im), images[int(index)])
 
 
-def test_mirrors_double_the_reference():
-    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-    both, labels = demo.with_mirrors(images, np.array([3, 5]))
-    assert both.shape == (4, 4, 4, 3) and labels.tolist() == [3, 5, 3, 5]
-    np.testing.assert_array_equal(both[2], images[0][:, ::-1])
-
-
 def test_judge_on_identical_sets_gives_zero_distance():
     x_train, y_train, _, _ = demo.load_digits_split()
     images = demo.upscale_digits(x_train[:200], 16)
