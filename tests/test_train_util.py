@@ -376,3 +376,17 @@ def test_step_batches_seek_reproduces_the_stream(tmp_path):
     # within an epoch no image repeats
     seen = sum((straight.indices(k) for k in range(3)), [])
     assert len(set(seen)) == 9
+
+
+def test_bf16_distillation_keeps_a_bf16_teacher_and_float32_student(tmp_path):
+    """--precision bf16: the frozen teacher's weights are stored in bf16 once; everything trained stays float32."""
+    logger.configure(dir=str(tmp_path))
+    loop = cm_loop(tmp_path, "consistency_distillation", precision="bf16")
+    teacher_dtypes = {p.dtype for p in loop.teacher_model.parameters()}
+    assert torch.bfloat16 in teacher_dtypes and torch.float32 in teacher_dtypes  # norms stay float32
+    for module in (loop.model, loop.target_model):
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    batch, cond = next(synthetic_data())
+    loop.run_step(batch, cond)
+    assert all(torch.isfinite(p).all() for p in loop.model.parameters())
+    assert all(p.dtype == torch.float32 for p in loop.model.parameters())
