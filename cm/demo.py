@@ -214,7 +214,6 @@ def write_image_folder(images, labels, folder, desc="writing PNGs"):
     return folder
 
 
-
 # ----------------------------------------------------------------------------
 # The judge: a small CNN digits classifier
 
@@ -370,7 +369,7 @@ def run_sampling(name, argv, log_path, script="image_sample.py"):
     return seconds
 
 
-def model_flags(cfg):
+def model_flags(cfg, dropout=0.0):
     """Model flags shared by the three scripts."""
     return [
         f"--image_size={cfg.image_size}",
@@ -384,7 +383,7 @@ def model_flags(cfg):
         "--resblock_updown=True",
         "--use_fp16=False",
         f"--precision={cfg.precision}",
-        "--dropout=0.0",
+        f"--dropout={dropout}",
     ]
 
 
@@ -459,7 +458,7 @@ def recipe_train_argv(cfg, mode, data_dir, log_dir, init_from):
         f"--training_mode={mode}",
         f"--data_dir={data_dir}",
         f"--logging_dir={log_dir}",
-        *model_flags(cfg),
+        *model_flags(cfg, dropout=cfg.ect_dropout if mode == "ect" else 0.0),
         f"--global_batch_size={cfg.recipe_batch_size}",
         f"--ema_rate={cfg.recipe_ema_rate}",
         f"--total_training_steps={steps}",
@@ -473,7 +472,6 @@ def recipe_train_argv(cfg, mode, data_dir, log_dir, init_from):
             f"--init_from={init_from}",
             f"--lr={cfg.ect_lr}",
             f"--ect_double={cfg.ect_double}",
-            f"--dropout={cfg.ect_dropout}",
             f"--huber_c={cfg.ect_huber_c}",
             f"--p_mean={cfg.ect_p_mean}",
         ]

@@ -113,10 +113,11 @@ def main(argv=None):
         logger.log(f"checkpoint keys carry the wrapper prefix {prefix!r}; stripped it")
 
     head, tail = ",".join(map(str, begin)), ",".join(map(str, end))
+    net = wrap(model, args.precision, frozen=True)  # once: every FID evaluation samples the same network
 
     def fid_at(t):
         fid = multistep_fid(
-            wrap(model, args.precision, frozen=True),
+            net,
             diffusion,
             t,
             inception,
