@@ -19,8 +19,8 @@ import pickle
 import numpy as np
 import torch
 
-from .cli import UsageError
-from .song_unet import ARCH_CONFIGS, SongUNet
+from ..cli import UsageError
+from ..song_unet import ARCH_CONFIGS, SongUNet
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")
 UNSUPPORTED = {
