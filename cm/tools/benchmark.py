@@ -41,7 +41,7 @@ import torch
 
 from .. import precision as prec
 from ..script_util import add_dict_to_argparser, model_and_diffusion_defaults, str2bool
-from ..benchmark_setups import BENCHMARKS, DESCRIPTIONS, EVALUATIONS, SETUPS  # noqa: F401  (the measure table)
+from .benchmark_setups import BENCHMARKS, DESCRIPTIONS, EVALUATIONS, SETUPS  # noqa: F401  (the measure table)
 
 # The CIFAR-10 network of the README's distillation command.
 SEED_CONFIG = dict(

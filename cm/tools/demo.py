@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from ..metrics.evaluation import feature_stats
 from .benchmark import text_table
-from ..demo_common import (  # noqa: F401  (judge, classify, ...: the demo's public helpers)
+from .demo_common import (  # noqa: F401  (judge, classify, ...: the demo's public helpers)
     NUM_CLASSES,
     DemoError,
     classify,
@@ -71,7 +71,7 @@ from ..demo_common import (  # noqa: F401  (judge, classify, ...: the demo's pub
     write_image_folder,
 )
 from .demo_editing import run_editing
-from ..demo_recipes import RECIPE_STAGES, stage_samplers, stage_train_argv
+from .demo_recipes import RECIPE_STAGES, stage_samplers, stage_train_argv
 
 # ----------------------------------------------------------------------------
 # Configuration

@@ -11,7 +11,7 @@ so a new recipe joins the demo as one row here and nothing else.
 import dataclasses
 from typing import Callable
 
-from ..demo_common import model_flags
+from .demo_common import model_flags
 
 # where a stage's weights start: the teacher's EMA file, the CD student's EMA file, or random weights
 STARTS = ("teacher", "student", "none")
