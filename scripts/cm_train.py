@@ -19,7 +19,7 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
 
 from cm import dist_util
 from cm.cli import OneLineArgumentParser, UsageError, run_cli
-from cm.model_files import adopt_network_flags, load_network_weights
+from cm.formats.model_files import adopt_network_flags, load_network_weights
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,
