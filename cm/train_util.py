@@ -55,7 +55,7 @@ from .random_util import SEED_STEP, derived_seed, seed_all  # noqa: F401  (deriv
 from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras, karras_ramp_position
-from .step_data import StepBatches, load_training_data  # noqa: F401  (re-exported)
+from .step_data import StepBatches  # noqa: F401  (re-exported: tests import it from here)
 from .train_script import per_rank_batch_size  # noqa: F401  (re-exported)
 
 # Debug switch: with several processes, train WITHOUT DistributedDataParallel
