@@ -10,7 +10,7 @@ import argparse
 
 from .cli import UsageError
 from .formats.model_files import load_network_weights
-from .recipes import P_MEAN, P_STD, RECIPE_MODES, RECIPES, get_recipe, modes_using_flag  # noqa: F401
+from .recipes import P_MEAN, P_STD, RECIPES, get_recipe, modes_using_flag
 
 
 def recipe_flag_defaults():
@@ -27,6 +27,7 @@ RECIPE_FLAG_HELP = {
     "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
+
 
 def explicit_flags(parser, argv):
     """Names of the flags given on the command line (abbreviations and --k=v included)."""
@@ -66,7 +67,7 @@ def check_recipe_args(args, explicit):
     row = get_recipe(mode)
     for flag in sorted(explicit):
         users = modes_using_flag(flag)
-        if users and mode not in users:
+        if users and flag not in row.flags:
             raise UsageError(f"--{flag} is for --training_mode {' or '.join(users)}, not {mode}")
     if row.init_from == "required" and not args.init_from:
         raise UsageError(

@@ -30,13 +30,18 @@ about a mode, so neither ever compares a mode name:
   EMAs, opt), written and resumed by the loop.
 
 Adding a recipe: one pure loss in `cm.losses` (denoiser callables and tensors
-in, per-sample values out), one adapter and one row here. Extension point for
-recipes with more trainable networks (e.g. DMD2's fake score and
-discriminator with their own optimiser): ``extra_networks`` names them; the
-loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
-once (precision, DDP) into ``nets.extra`` for the loss, and saves/resumes each
-as checkpoint kind ``name``; their optimiser step is the row's
-``after_step(loop)`` hook, called after each taken step.
+in, per-sample values out), one adapter here (draw the noise levels, wrap the
+networks with `denoiser`, call the loss) and one row in `RECIPES`; its own
+flags, if any, in `cm.recipe_flags`.
+
+Extension point for recipes with more trainable networks (e.g. DMD2's fake
+score and discriminator with their own optimiser): ``extra_networks`` names
+them; the loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
+once under the chosen precision into ``nets.extra`` for the loss (gradients
+reach them through the same backward), saves and resumes each as checkpoint
+kind ``name``, and calls the row's ``after_step(loop)`` after each taken step:
+their optimiser steps there (tests/test_recipe_extension.py is a worked
+example). Not there yet: DDP for them and checkpointing their optimiser state.
 
 The schedules of iCT (Song & Dhariwal 2023, "Improved techniques for training
 consistency models") and ECT (Geng et al. 2024, "Consistency models made
@@ -157,6 +162,16 @@ class Networks:
     teacher: Optional[Callable] = None
     teacher_diffusion: object = None  # the teacher's KarrasDenoiser (EDM scalings)
     extra: dict = field(default_factory=dict)  # a row's extra_networks by name
+
+
+def denoiser(diffusion, net, model_kwargs):
+    """``net`` as the pure losses take it: (x, σ) ↦ D(x, σ) with ``diffusion``'s scalings.
+
+    What a new row's adapter passes to its loss in `cm.losses` after drawing
+    the noise levels itself (the rows below leave both to `KarrasDenoiser`'s
+    methods, the original's API).
+    """
+    return lambda x, t: diffusion.denoise(net, x, t, **model_kwargs)[1]
 
 
 def _consistency_distillation(diffusion, nets, x_start, num_scales, model_kwargs, options):
@@ -298,7 +313,6 @@ RECIPES = {
     )
 }
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
-RECIPE_MODES = tuple(m for m, r in RECIPES.items() if r.init_from != "unused")  # the later recipes (ect, ict)
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
 
