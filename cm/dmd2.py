@@ -162,7 +162,7 @@ def dm_loss(real, fake, x_g, sigma, eps, y=None, vsd_eps=0.0, real_features=Fals
     loss = 0.5 * mean_flat((x_g - (x_g - grad).detach()) ** 2)
     return {
         "loss": loss, "grad": grad, "D_real": d_real, "D_fake": d_fake, "weight": weight,
-        "x_t": x_t, "features": feats,
+        "x_t": x_t, "features": feats, "sigma": sigma,
     }
 
 

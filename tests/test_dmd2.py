@@ -144,3 +144,47 @@ def test_bad_options():
     with pytest.raises(ValueError, match="--dmd_variant"):
         dmd2.variant_defaults("official")
     assert dmd2.lr_warmup(0, 500) == 0.0 and dmd2.lr_warmup(250, 500) == 0.5 and dmd2.lr_warmup(900, 500) == 1.0
+
+
+def test_critic_checkpoint_round_trip_holds_its_optimiser(tmp_path):
+    """The critic file (fake score, head, AdamW state, update count) reloads strictly and continues exactly."""
+    from cm.checkpoint import load_model_state
+    from cm.dmd2_train import DMD2Critic
+
+    def make():
+        torch.manual_seed(0)
+        fake = small_adm()
+        return DMD2Critic(fake, build_discriminator("bottleneck", fake, 16, num_classes=10), 10, lr=1e-3)
+
+    def update(critic, seed):
+        g = torch.Generator().manual_seed(seed)
+        opts = dmd2.DMD2Options(gan_max_step=5)
+        x = torch.randn(2, 3, 16, 16, generator=g)
+        out = dmd2.critic_turn(None, dmd2.scorer(critic.fake), x, torch.tensor([1, 2]), opts,
+                               disc=critic.discriminator, real_images=torch.randn(2, 3, 16, 16, generator=g),
+                               real_labels=torch.tensor([3, 4]), generator=g)
+        critic.opt.zero_grad()
+        out["loss"].mean().backward()
+        critic.opt.step()
+        critic.updates += 1
+
+    a = make()
+    update(a, 1)
+    torch.save(a.state_dict(), tmp_path / "dmd2_critic.pt")
+    update(a, 2)
+    b = make()
+    load_model_state(b, torch.load(tmp_path / "dmd2_critic.pt", weights_only=True), "dmd2_critic.pt")
+    assert b.updates == 1
+    update(b, 2)
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        if torch.is_tensor(pa):
+            assert torch.equal(pa, pb), k
+
+
+def test_autocast_wrapper_passes_features_through():
+    from cm.precision import wrap
+
+    torch.manual_seed(0)
+    net = wrap(small_adm().eval(), "bf16")
+    out, feats = net(torch.randn(2, 3, 16, 16), torch.zeros(2), torch.tensor([0, 1]), return_features=True)
+    assert out.dtype == torch.float32 and all(f.dtype == torch.float32 for f in feats)
