@@ -56,10 +56,16 @@ def step_range(num_steps, min_step_pct=2.0, max_step_pct=98.0):
 
 
 def _randn(like, generator):
+    """N(0, 1) shaped like ``like``; ``generator`` one for the batch, or a list with one per sample."""
+    if isinstance(generator, (list, tuple)):
+        rows = [torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]
+        return torch.stack(rows).to(like.device)
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def _randint(lo, hi, n, generator, device):
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in generator]).to(device)
     return torch.randint(lo, hi, (n,), generator=generator, device=device)
 
 
@@ -83,7 +89,7 @@ def draw_fake(x, sigmas, kind="grid", lo=0, hi=None, generator=None):
         t = _randint(0, len(sigmas), x.shape[0], generator, sigmas.device)
         return sigmas[t], eps
     if kind == "lognormal":
-        n = torch.randn(x.shape[0], generator=generator, device=x.device)
+        n = _randn(x.new_empty(x.shape[0]), generator)
         return torch.exp(EDM_P_MEAN + EDM_P_STD * n), eps
     raise ValueError(f"--dmd_fake_sigma must be one of {', '.join(FAKE_SIGMAS)}, got {kind!r}")
 

@@ -15,6 +15,8 @@ score and the optional discriminator, with its AdamW optimiser and update count
 kept in the module's extra state, so that its checkpoint file holds all of it.
 """
 
+import hashlib
+
 import torch
 import torch.nn as nn
 
@@ -59,7 +61,7 @@ class DMD2Critic(nn.Module):
     the module's extra state: saved in its state dict, restored by loading it.
     """
 
-    def __init__(self, fake, discriminator, num_classes, lr, weight_decay=0.01):
+    def __init__(self, fake, discriminator, num_classes, lr, weight_decay=0.01, seed=0, first_sample=0):
         super().__init__()
         self.fake = fake
         self.discriminator = discriminator
@@ -67,7 +69,21 @@ class DMD2Critic(nn.Module):
         self.lr = lr
         self.opt = torch.optim.AdamW(self.parameters(), lr=lr, betas=BETAS, weight_decay=weight_decay, eps=1e-8)
         self.updates = 0
-        self.stash = []  # this step's (x_g, y, real images, real labels) per micro-batch
+        self.seed = seed
+        self.first_sample = first_sample  # global index of this process's first sample (rank × batch)
+        self.stash_step = None
+        self.stash = []  # this step's (x_g, y, real images, real labels, generators) per micro-batch
+
+    def sample_generators(self, step, n):
+        """One generator per sample of the next ``n`` of this step: seeded by (seed, step, global index).
+
+        Every random number of a DMD2 step comes from these, so a sample's draws
+        do not depend on the batch split over processes and micro-batches.
+        """
+        if self.stash_step != step:
+            self.stash_step, self.stash = step, []
+        start = self.first_sample + sum(part[0].shape[0] for part in self.stash)
+        return [torch.Generator().manual_seed(_sample_seed(self.seed, step, start + i)) for i in range(n)]
 
     def get_extra_state(self):
         return {"opt": self.opt.state_dict(), "updates": self.updates}
@@ -77,33 +93,44 @@ class DMD2Critic(nn.Module):
         self.updates = int(state["updates"])
 
 
-def _gen_labels(n, num_classes, device):
+def _sample_seed(seed, step, index):
+    """A 63-bit seed from (seed, step, sample index)."""
+    digest = hashlib.sha256(f"dmd2/{seed}/{step}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _draw_z(like, generators):
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like.device, like.dtype)
+
+
+def _gen_labels(num_classes, generators, device):
     if not num_classes:
         return None
-    return torch.randint(0, num_classes, (n,), device=device)
+    return torch.cat([torch.randint(0, num_classes, (1,), generator=g) for g in generators]).to(device)
 
 
 def dmd2_loss(diffusion, nets, x_start, level, model_kwargs, options):
     """The generator's per-sample loss on fresh z (and labels), for the loop to backpropagate.
 
-    Draws (global RNG, seeded per step by the loop): z, the labels, then the losses' draws.
+    ``level`` is the loop step (the row's schedule). Draws, from each sample's own
+    generator (`DMD2Critic.sample_generators`): z, the label, then the losses' draws.
     """
     opts = options_from(options)
     critic = unwrap(nets.extra["dmd2_critic"])
     prec = getattr(nets.student, "precision", None)
-    n = x_start.shape[0]
-    z = torch.randn_like(x_start)
-    y = _gen_labels(n, critic.num_classes, x_start.device)
+    gens = critic.sample_generators(level, x_start.shape[0])
+    z = _draw_z(x_start, gens)
+    y = _gen_labels(critic.num_classes, gens, x_start.device)
     gen = scorer(nets.student, options["dmd_generator"])
     real = scorer(nets.teacher)
     critic.requires_grad_(False)  # the generator turn: gradients reach the generator only
     try:
         fake = scorer(precision_wrap(critic.fake, prec))
         disc = precision_wrap(critic.discriminator, prec) if critic.discriminator is not None else None
-        out = generator_turn(gen, real, fake, z, y, opts, disc=disc)
+        out = generator_turn(gen, real, fake, z, y, opts, disc=disc, generator=gens)
     finally:
         critic.requires_grad_(True)
-    critic.stash.append((out["x_g"].detach(), y, x_start, model_kwargs.get("y")))
+    critic.stash.append((out["x_g"].detach(), y, x_start, model_kwargs.get("y"), gens))
     dm = out["dm"]
     logger.logkv_mean("loss_dm", out["loss_dm"].mean().item())
     logger.logkv_mean("dm_grad_norm", dm["grad"].double().norm().item())
@@ -135,8 +162,13 @@ def dmd2_after_step(loop):
     opts = options_from(options)
     critic = loop.extra_networks["dmd2_critic"]
     wrapped = loop.nets.extra["dmd2_critic"]
-    stash, critic.stash = critic.stash, []
-    x_g, y, real_images, real_labels = (None if parts[0] is None else torch.cat(parts) for parts in zip(*stash))
+    if critic.stash_step != loop.step:
+        raise RuntimeError(f"dmd2: no generator turn of step {loop.step} before its critic updates")
+    stash, critic.stash, critic.stash_step = critic.stash, [], None
+    x_g, y, real_images, real_labels = (
+        None if parts[0] is None else torch.cat(parts) for parts in list(zip(*stash))[:4]
+    )
+    gens = [g for part in stash for g in part[4]]
     ratio = int(options["dfake_gen_update_ratio"])
     teacher = scorer(loop.nets.teacher)
     gen = scorer(precision_wrap(loop.model, loop.precision), options["dmd_generator"])
@@ -145,8 +177,8 @@ def dmd2_after_step(loop):
     for j in range(ratio):
         if j:  # a fresh one-step batch of the updated generator
             with torch.no_grad():
-                z = torch.randn_like(real_images)
-                y = _gen_labels(z.shape[0], critic.num_classes, z.device)
+                z = _draw_z(real_images, gens)
+                y = _gen_labels(critic.num_classes, gens, z.device)
                 x_g = generate(gen, z, y, opts.sigma_max)
         iteration = loop.step * ratio + j
         for group in critic.opt.param_groups:
@@ -154,7 +186,7 @@ def dmd2_after_step(loop):
         critic.opt.zero_grad(set_to_none=True)
         fake = scorer(_call_part(wrapped, "fake"))
         out = critic_turn(teacher, fake, x_g, y, opts, disc=_call_part(wrapped, "discriminator") if disc else None,
-                          real_images=real_images, real_labels=real_labels)
+                          real_images=real_images, real_labels=real_labels, generator=gens)
         out["loss"].mean().backward()
         _all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, options["max_grad_norm"])
@@ -257,10 +289,11 @@ def lr_factor(step, options):
     return lr_warmup(step * int(options["dfake_gen_update_ratio"]), options["lr_warmup_steps"])
 
 
-def build_critic(args, teacher, make_network):
+def build_critic(args, teacher, make_network, batch_size):
     """{``dmd2_critic``: DMD2Critic}: the fake score (a copy of the teacher, --fake_dropout) and the head.
 
-    ``make_network(dropout)`` builds a network of the teacher's architecture.
+    ``make_network(dropout)`` builds a network of the teacher's architecture;
+    ``batch_size`` is this process's batch.
     """
     from .dmd2_heads import build_discriminator
 
@@ -274,4 +307,6 @@ def build_critic(args, teacher, make_network):
         on = teacher if args.gan_placement == "teacher" else fake
         disc = build_discriminator(args.gan_placement, on, args.image_size, num_classes=num_classes)
         disc.to(next(teacher.parameters()).device)
-    return {"dmd2_critic": DMD2Critic(fake, disc, num_classes, args.fake_lr, args.weight_decay)}
+    critic = DMD2Critic(fake, disc, num_classes, args.fake_lr, args.weight_decay, seed=args.seed,
+                        first_sample=dist_util.get_rank() * batch_size)
+    return {"dmd2_critic": critic}
