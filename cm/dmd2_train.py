@@ -276,6 +276,8 @@ def presets(args):
 
 def check_args(args):
     """The checks that need several flags: one ValueError line naming the flag."""
+    if getattr(args, "use_fp16", False) or getattr(args, "precision", None) == "fp16":
+        raise ValueError("--training_mode dmd2 trains in float32 or bf16 (--precision bf16), not float16")
     options_from({k: getattr(args, k) for k in FLAG_DEFAULTS})  # the option values themselves
 
 

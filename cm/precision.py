@@ -66,7 +66,8 @@ class AutocastModel:
         self.precision = precision
 
     def __call__(self, x, *args, **kwargs):
-        with autocast(self.precision, x.device):
+        device = (x[0] if isinstance(x, (list, tuple)) else x).device  # a list: feature maps (a GAN head)
+        with autocast(self.precision, device):
             out = self.model(x, *args, **kwargs)
         return _to_float(out)
 
