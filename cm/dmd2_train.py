@@ -22,8 +22,6 @@ import torch.nn as nn
 
 from . import dist_util, logger
 from .dmd2 import DMD2Options, critic_turn, generate, generator_turn, lr_warmup, realism, scorer
-from .precision import AutocastModel
-from .precision import wrap as precision_wrap
 
 BETAS = (0.9, 0.999)  # DMD2's AdamW for both networks
 DMD2_FLAGS = (
@@ -43,15 +41,26 @@ def options_from(opts):
     )
 
 
+def _is_autocast(net):
+    """The loop's `cm.precision.AutocastModel` (not imported: cm.precision imports the recipe table)."""
+    d = getattr(net, "__dict__", {})
+    return "model" in d and "precision" in d
+
+
 def unwrap(net):
     """The module under the loop's wrappers (autocast, DDP)."""
     while True:
-        if isinstance(net, AutocastModel):
+        if _is_autocast(net):
             net = net.__dict__["model"]
         elif isinstance(net, nn.parallel.DistributedDataParallel):
             net = net.module
         else:
             return net
+
+
+def rewrap(like, module):
+    """``module`` under the same precision wrapper as ``like`` (a network the loop wrapped), without DDP."""
+    return type(like)(module, like.precision) if _is_autocast(like) else module
 
 
 class DMD2Critic(nn.Module):
@@ -116,8 +125,8 @@ def dmd2_loss(diffusion, nets, x_start, level, model_kwargs, options):
     generator (`DMD2Critic.sample_generators`): z, the label, then the losses' draws.
     """
     opts = options_from(options)
-    critic = unwrap(nets.extra["dmd2_critic"])
-    prec = getattr(nets.student, "precision", None)
+    wrapped = nets.extra["dmd2_critic"]
+    critic = unwrap(wrapped)
     gens = critic.sample_generators(level, x_start.shape[0])
     z = _draw_z(x_start, gens)
     y = _gen_labels(critic.num_classes, gens, x_start.device)
@@ -125,8 +134,8 @@ def dmd2_loss(diffusion, nets, x_start, level, model_kwargs, options):
     real = scorer(nets.teacher)
     critic.requires_grad_(False)  # the generator turn: gradients reach the generator only
     try:
-        fake = scorer(precision_wrap(critic.fake, prec))
-        disc = precision_wrap(critic.discriminator, prec) if critic.discriminator is not None else None
+        fake = scorer(rewrap(wrapped, critic.fake))
+        disc = rewrap(wrapped, critic.discriminator) if critic.discriminator is not None else None
         out = generator_turn(gen, real, fake, z, y, opts, disc=disc, generator=gens)
     finally:
         critic.requires_grad_(True)
@@ -171,7 +180,7 @@ def dmd2_after_step(loop):
     gens = [g for part in stash for g in part[4]]
     ratio = int(options["dfake_gen_update_ratio"])
     teacher = scorer(loop.nets.teacher)
-    gen = scorer(precision_wrap(loop.model, loop.precision), options["dmd_generator"])
+    gen = scorer(rewrap(loop.nets.student, loop.model), options["dmd_generator"])
     params = [p for p in critic.parameters() if p.requires_grad]
     disc = critic.discriminator
     for j in range(ratio):
@@ -184,8 +193,8 @@ def dmd2_after_step(loop):
         for group in critic.opt.param_groups:
             group["lr"] = critic.lr * lr_warmup(iteration, options["lr_warmup_steps"])
         critic.opt.zero_grad(set_to_none=True)
-        fake = scorer(_call_part(wrapped, "fake"))
-        out = critic_turn(teacher, fake, x_g, y, opts, disc=_call_part(wrapped, "discriminator") if disc else None,
+        fake = scorer(rewrap(wrapped, critic.fake))
+        out = critic_turn(teacher, fake, x_g, y, opts, disc=rewrap(wrapped, disc) if disc else None,
                           real_images=real_images, real_labels=real_labels, generator=gens)
         out["loss"].mean().backward()
         _all_reduce_grads(params)
@@ -200,14 +209,6 @@ def dmd2_after_step(loop):
             logger.logkv_mean("d_fake", realism(out["logits_fake"]))
     critic.opt.zero_grad(set_to_none=True)
     logger.logkv("critic_lr", critic.opt.param_groups[0]["lr"])
-
-
-def _call_part(wrapped, name):
-    """The critic's submodule ``name`` under the same precision wrapper as the critic."""
-    part = getattr(unwrap(wrapped), name)
-    if isinstance(wrapped, AutocastModel):
-        return AutocastModel(part, wrapped.precision)
-    return part
 
 
 # ----------------------------------------------------------------------------
