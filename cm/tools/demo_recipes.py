@@ -96,7 +96,7 @@ DMD2_GAN = RecipeStage(
     teacher=True,
 )
 
-RECIPE_STAGES = (ECT, ICT)  # DMD2, DMD2_GAN: verified next
+RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN)
 
 
 def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=None):
