@@ -277,3 +277,19 @@ def test_fastgen_dmd2_cifar():
     for key, ref in exp["param_grads_disc"].items():
         assert rel(named[key].grad, ref) < tol["param_grad_rel"], key
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_seed_head_on_the_bottleneck_crashes_ours_does_not(seed):
+    """The seed's GAN path (3-channel head fed the UNet's bottleneck) fails as stored; the bottleneck head works."""
+    from cm.dmd2_heads import build_discriminator
+
+    g, nets = seed
+    x, y = g["cases"]["generate_cm"]["out"]["image"], g["inputs"]["gen_labels"]
+    sigma = dmd2.dmd_sigmas(40)[:1].expand(4)
+    with torch.no_grad():
+        feats = dmd2.scorer(nets["fake"])(x, sigma, y, features=True)[2]
+        with pytest.raises(RuntimeError) as info:
+            seed_head()(feats[-1])
+        assert str(info.value) == g["cases"]["gan_head_crash_head"]["out"]["error"]
+        disc = build_discriminator("bottleneck", nets["fake"], 32, num_classes=10)
+        assert disc(feats).shape == (4, 1)
