@@ -97,7 +97,8 @@ def test_bottleneck_head_trains_the_encoder_only():
     logits = disc(score(torch.randn(3, 3, 16, 16), sigma, torch.tensor([0, 1, 2]), features=True)[2])
     assert logits.shape == (3, 1)
     dmd2.gan_discriminator_loss(logits, -logits).mean().backward()
-    assert fake.input_blocks[-1][0].out_layers[-1].weight.grad.abs().sum() > 0  # (its input convs: zero-initialised out conv)
+    # the last encoder block's output conv (its input convs see none: that conv starts at zero)
+    assert fake.input_blocks[-1][0].out_layers[-1].weight.grad.abs().sum() > 0
     assert fake.out[2].weight.grad is None and fake.middle_block[0].in_layers[2].weight.grad is None
 
 

@@ -132,7 +132,8 @@ def test_checkpoint_set_and_bit_exact_resume(runs):
               "grad_norm_before_clip", "dm_grad_norm", "lr", "critic_lr"}  # fmt: skip
     assert logged <= set(header), logged - set(header)
     # the generator's warm-up: the lr at step s is lr·min(1, 3s/4)
-    rows = [dict(zip(header, line.split(","))) for line in (tmp / "straight" / "progress.csv").read_text().splitlines()[1:]]
+    lines = (tmp / "straight" / "progress.csv").read_text().splitlines()[1:]
+    rows = [dict(zip(header, line.split(","))) for line in lines]
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.0, 7.5e-4, 1e-3, 1e-3])
 
 
