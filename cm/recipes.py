@@ -275,6 +275,15 @@ class Recipe:
     uses_loss_norm: bool = True  # the loss measures with --loss_norm (lpips loads up front)
     extra_networks: tuple = ()
     after_step: Optional[Callable] = None  # hook(loop) after each taken step (e.g. extra optimisers)
+    # build_extra_networks(args, teacher, make_network(dropout), batch_size) -> {name: module} (cm_train.py)
+    build_extra_networks: Optional[Callable] = None
+    new_optimizer: Optional[Callable] = None  # (params, lr, weight_decay) -> the student's optimiser; None: RAdam
+    lr_factor: Optional[Callable] = None  # (step, loss options) -> factor on --lr (a warm-up); None: 1
+    grad_clip_option: str = ""  # the loss option holding the student's max gradient norm; "": no clipping
+    flag_defaults: dict = field(default_factory=dict)  # cm_train.py flags the row adds, with their defaults
+    flag_help: dict = field(default_factory=dict)
+    flag_checks: dict = field(default_factory=dict)  # flag -> (test, what it must be)
+    check_args: Optional[Callable] = None  # (args) -> raises a one-line ValueError
 
     @property
     def needs_teacher(self):
@@ -284,6 +293,25 @@ class Recipe:
 _ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_per_iter")
 _ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
 _LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False)
+
+def _dmd2_schedule(args):
+    return lambda step: (0.0, step)  # no target; the level is the step (it seeds the per-sample draws)
+
+
+def _dmd2_row():
+    from . import dmd2_train as d
+
+    flags = ("init_from",) + tuple(d.FLAG_DEFAULTS)
+    return Recipe(
+        "dmd2", d.dmd2_loss, _dmd2_schedule, teacher="required", target="none", init_from="required",
+        train_scalings="boundary", sample_scalings="boundary", presets=d.presets, flags=flags,
+        loss_options=tuple(d.FLAG_DEFAULTS), level_name="generator_step", frozen_bf16_teacher=True,
+        uses_loss_norm=False, extra_networks=("dmd2_critic",), after_step=d.dmd2_after_step,
+        build_extra_networks=d.build_critic, new_optimizer=d.new_optimizer, lr_factor=d.lr_factor,
+        grad_clip_option="max_grad_norm", flag_defaults=dict(d.FLAG_DEFAULTS), flag_help=dict(d.FLAG_HELP),
+        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args,
+    )
+
 
 RECIPES = {
     r.name: r
@@ -310,6 +338,7 @@ RECIPES = {
             flags=("init_from", "huber_c", "p_mean", "p_std"), loss_options=("huber_c", "p_mean", "p_std"),
             **_LATER_ROW,
         ),
+        _dmd2_row(),
     )
 }
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train

@@ -252,10 +252,14 @@ class TrainLoop(CheckpointSet):
         if self.seed is not None:
             seed_all(derived_seed(self.seed, self.rank, self.step, SEED_STEP))
 
+    def _lr_factor(self):
+        """Hook: a factor on the lr of this step (a recipe's warm-up); 1."""
+        return 1.0
+
     def _set_lr(self):
-        lr = self.lr
+        lr = self.lr * self._lr_factor()
         if self.lr_anneal_steps:
-            lr = self.lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
+            lr = lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         logger.logkv("lr", lr)
@@ -487,6 +491,22 @@ class CMTrainLoop(TrainLoop):
             extra={name: self._net(module) for name, module in self.extra_networks.items()},
         )
 
+    def _new_optimizer(self):
+        if self.recipe.new_optimizer is None:
+            return super()._new_optimizer()
+        return self.recipe.new_optimizer(self.mp_trainer.master_params, self.lr, self.weight_decay)
+
+    def _lr_factor(self):
+        if self.recipe.lr_factor is None:
+            return 1.0
+        return self.recipe.lr_factor(self.step, self.loss_options)
+
+    def _clip_gradients(self):
+        """The row's gradient clipping (its ``grad_clip_option`` names the max-norm flag); logs the norm before."""
+        max_norm = self.loss_options[self.recipe.grad_clip_option]
+        norm = torch.nn.utils.clip_grad_norm_(self.mp_trainer.master_params, max_norm)
+        logger.logkv_mean("grad_norm_before_clip", float(norm))
+
     def _before_step(self):
         if self.recipe.teacher_follows_student:
             self._maybe_promote_student()
@@ -525,6 +545,8 @@ class CMTrainLoop(TrainLoop):
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())
                 logger.logkv_mean("r_zero", (losses["r"] == 0).float().mean().item())
+        if self.recipe.grad_clip_option:
+            self._clip_gradients()
         logger.logkv(self.recipe.level_name, level)
         logger.logkv("target_ema", target_ema)
 
