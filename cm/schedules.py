@@ -32,6 +32,12 @@ def karras_ramp_position(sigma, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RH
     return (sigma ** (1 / rho) - lo) / (hi - lo)
 
 
+def noise_bins(sigmas, sigma_min, sigma_max, rho=7.0):
+    """Bin 0..3 per σ: quarters of the ρ-ramp from σ_min (bin 0) to σ_max (bin 3)."""
+    position = karras_ramp_position(sigmas.detach().float().clamp(sigma_min, sigma_max), sigma_min, sigma_max, rho)
+    return (position * 4).floor().clamp(0, 3).long()
+
+
 def sigma_at(i, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
     """σ_i of an n-point ρ-schedule (i = 0 gives σ_max, i = n−1 gives σ_min)."""
     return karras_sigma(i / (n - 1), sigma_min, sigma_max, rho)

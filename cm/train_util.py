@@ -47,14 +47,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import dist_util, faults, logger, recipes, run_metadata
 from .checkpoint import load_model_state
 from .checkpoint_set import CheckpointSet, float_copies
-from .cli import on_all_ranks
+from .cli import on_all_ranks, parse_ema_rates  # noqa: F401  (parse_ema_rates: re-exported)
 from .fp16_util import MixedPrecisionTrainer, master_params_to_model_params, master_params_to_state_dict
 from .nn import update_ema
 from .precision import resolve_precision, wrap as precision_wrap
 from .random_util import SEED_STEP, derived_seed, seed_all  # noqa: F401  (derived_seed, seed_all: re-exported)
 from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
-from .schedules import get_sigmas_karras, karras_ramp_position
+from .schedules import get_sigmas_karras, noise_bins  # noqa: F401  (noise_bins: re-exported)
 from .step_data import StepBatches  # noqa: F401  (re-exported: tests import it from here)
 from .train_script import per_rank_batch_size  # noqa: F401  (re-exported)
 
@@ -65,30 +65,6 @@ NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
 
 # ----------------------------------------------------------------------------
 # Small pure helpers
-
-
-def parse_ema_rates(ema_rate):
-    """EMA rates from a float, a comma list ("0.999,0.9999") or a sequence."""
-    if isinstance(ema_rate, (int, float)):
-        items = [ema_rate]
-    elif isinstance(ema_rate, str):
-        items = [x for x in ema_rate.split(",") if x.strip()]
-    else:
-        items = list(ema_rate)
-    try:
-        rates = [float(x) for x in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"--ema_rate must be a comma list of numbers in [0, 1], got {ema_rate!r}") from None
-    for r in rates:
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"--ema_rate values must lie in [0, 1], got {r}")
-    return rates
-
-
-def noise_bins(sigmas, sigma_min, sigma_max, rho=7.0):
-    """Bin 0..3 per σ: quarters of the ρ-ramp from σ_min (bin 0) to σ_max (bin 3)."""
-    position = karras_ramp_position(sigmas.detach().float().clamp(sigma_min, sigma_max), sigma_min, sigma_max, rho)
-    return (position * 4).floor().clamp(0, 3).long()
 
 
 def log_loss_dict(diffusion, sigmas, losses):
