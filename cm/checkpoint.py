@@ -18,6 +18,7 @@ import os
 import re
 
 from .fileio import save_atomic  # noqa: F401  (part of this module's API)
+from .nn import time_inputs_in
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -140,6 +141,18 @@ def check_state_dict(expected, state_dict, path):
             )
 
 
+def check_time_inputs_of_state(model, state_dict, path):
+    """A network file of 1 time input for a 2-time model (or the reverse): one line naming --time_inputs."""
+    if not hasattr(model, "TIME_KEYS"):
+        return
+    found = time_inputs_in(model, state_dict)
+    if found is not None and found != model.time_inputs:
+        raise CheckpointError(
+            f"{path} holds a network with {found} time input(s), the flags build one with {model.time_inputs}: "
+            f"give --time_inputs {found}"
+        )
+
+
 def load_model_state(model, state_dict, path):
     """Load ``state_dict`` into ``model`` (strict), or fail with a one-line CheckpointError.
 
@@ -151,6 +164,7 @@ def load_model_state(model, state_dict, path):
     prefix = ""
     if isinstance(state_dict, dict):
         state_dict, prefix = strip_wrapper_prefix(state_dict, expected)
+        check_time_inputs_of_state(model, state_dict, path)
     check_state_dict(expected, state_dict, path)
     model.load_state_dict(state_dict, strict=True)
     return prefix

@@ -22,8 +22,9 @@ def recipe_flag_defaults():
 
 
 RECIPE_FLAG_HELP = {
-    "init_from": "initial weights for ect/ict: our .pt (a model file of any run whose network flags you repeat), "
-    "an EDM/ECT .pkl (sets the network flags), or 'none' for random weights; ect requires it",
+    "init_from": "initial weights for ect/ict/meanflow: our .pt (a model file of any run whose network flags you "
+    "repeat; a one-time network initialises a --time_inputs 2 one, r's weights zero), an EDM/ECT .pkl (sets the "
+    "network flags), or 'none' for random weights; ect requires it",
     "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
     "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
@@ -86,6 +87,8 @@ def check_recipe_args(args, explicit):
         raise UsageError(f"--teacher_model_path is not used by --training_mode {mode}{see}")
     if row.needs_teacher and not args.teacher_model_path:
         raise UsageError(f"--training_mode {mode} needs --teacher_model_path (an EDM checkpoint)")
+    if getattr(args, "time_inputs", 1) != row.time_inputs:
+        raise UsageError(f"--training_mode {mode} needs --time_inputs {row.time_inputs}, got {args.time_inputs}")
     for flag in row.flags:
         if flag in FLAG_CHECKS and not FLAG_CHECKS[flag][0](getattr(args, flag)):
             raise UsageError(f"--{flag} {FLAG_CHECKS[flag][1]}, got {getattr(args, flag)}")
@@ -104,7 +107,8 @@ def load_init_weights(model, path, network=None):
     A self-describing file (an EDM/ECT ``.pkl``, a JAX checkpoint; see
     `cm.formats.model_files`) comes as ``network`` = (model, flags) from
     ``adopt_network_flags``, which has already set the network flags from it.
+    A one-time network initialises a ``--time_inputs 2`` model with r's new weights zero.
     """
     if path in ("", "none"):
         return
-    load_network_weights(model, path, network, "init_from")
+    load_network_weights(model, path, network, "init_from", widen_time=True)

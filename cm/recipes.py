@@ -6,7 +6,8 @@ about a mode, so neither ever compares a mode name:
 - ``loss(diffusion, nets, x_start, level, model_kwargs, options)``: the loss
   terms of a micro-batch, a dict with per-sample "loss" and "sigmas" (the noise
   level t each sample is logged under) and optionally "r" (the second level of
-  a pair, which the loop logs as t_mean / r_over_t / r_zero). The adapters here
+  a pair, which the loop logs as t_mean / r_over_t / r_zero), optionally
+  "monitors" ({name: per-sample values}, logged as their means). The adapters here
   call the `KarrasDenoiser` methods, which draw the noise levels and call the
   pure losses of `cm.losses`; ``nets`` are the networks, each wrapped once by
   the loop (precision, DDP); ``options`` the loss flags (``huber_c``,
@@ -16,13 +17,16 @@ about a mode, so neither ever compares a mode name:
 - the networks: ``teacher`` ("required": the loss calls it; "optional": it
   only gives the initial weights; "unused"), ``target`` ("ema": its own
   network θ⁻ ← μθ⁻ + (1−μ)θ; "online": the student itself under no_grad;
-  "none"), ``init_from`` ("required" / "optional" / "unused");
+  "unwrapped": the bare student module, no DDP and no autocast, for a
+  forward-mode (JVP) pass; "none"), ``init_from`` ("required" / "optional" /
+  "unused"); ``time_inputs`` (1, or 2 for a network of u(x, t, r));
   ``frozen_bf16_teacher`` (store the teacher's weights in bf16 once under
   --precision bf16), ``teacher_follows_student`` (progdist: at a new level the
   student becomes the teacher, optimiser and EMAs restart);
 - ``train_scalings`` / ``sample_scalings``: "edm" (c_skip, c_out of EDM) or
   "boundary" (the consistency models' boundary-condition scalings, f(x, σ_min)
-  = x; the original's ``distillation=True``);
+  = x; the original's ``distillation=True``) or "none" (the raw output is the
+  quantity: MeanFlow's u, sampled by a flow sampler);
 - ``presets(args)``: its paper's values for the flags the user did not give;
   ``flags``: the cm_train.py flags only it (or a few rows) uses: giving one to
   another mode is an error; ``loss_options``: the flags its loss reads;
@@ -56,6 +60,15 @@ from typing import Callable, Optional
 
 import torch
 
+from .meanflow import (
+    MEANFLOW_FLAG_CHECKS,
+    MEANFLOW_FLAG_DEFAULTS,
+    MEANFLOW_FLAG_HELP,
+    MEANFLOW_PRESETS,
+    meanflow_optimizer,
+    meanflow_schedule,
+    meanflow_step_loss,
+)
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, create_ema_and_scales_fn, karras_sigma
 
 P_MEAN, P_STD = -1.1, 2.0  # log-normal of both recipes
@@ -158,7 +171,8 @@ class Networks:
     """What a loss calls, each wrapped once by the loop (precision; DDP for the student)."""
 
     student: Callable
-    target: Optional[Callable] = None  # θ⁻: the EMA target ("ema") or the unwrapped student ("online")
+    # θ⁻: the EMA target ("ema"), the student without DDP ("online"), or the bare student module ("unwrapped")
+    target: Optional[Callable] = None
     teacher: Optional[Callable] = None
     teacher_diffusion: object = None  # the teacher's KarrasDenoiser (EDM scalings)
     extra: dict = field(default_factory=dict)  # a row's extra_networks by name
@@ -210,6 +224,11 @@ def _ect(diffusion, nets, x_start, stage, model_kwargs, options):
     )
 
 
+def _meanflow(diffusion, nets, x_start, warmup, model_kwargs, options):
+    # du/dt by a JVP pass on the bare module (no DDP, no autocast), then u with gradients (cm.meanflow)
+    return meanflow_step_loss(nets.student, nets.target, x_start, warmup, model_kwargs, options)
+
+
 def _original_schedule(args):
     """The original's create_ema_and_scales_fn from its flags."""
     return create_ema_and_scales_fn(
@@ -231,6 +250,14 @@ def _ect_schedule(args):
     return ect_ema_and_scales_fn(args.ect_double)
 
 
+def _meanflow_schedule(args):
+    return meanflow_schedule(args.tangent_warmup_steps)
+
+
+def _meanflow_presets(args):
+    return dict(MEANFLOW_PRESETS)
+
+
 def _no_presets(args):
     return {}
 
@@ -250,7 +277,7 @@ def _ict_presets(args):
     )
 
 
-SCALINGS = ("edm", "boundary")
+SCALINGS = ("edm", "boundary", "none")  # none: the network's raw output is the quantity (MeanFlow's u)
 
 
 @dataclass(frozen=True)
@@ -261,7 +288,7 @@ class Recipe:
     loss: Callable
     schedule: Callable
     teacher: str  # "required" | "optional" | "unused"
-    target: str  # "ema" | "online" | "none"
+    target: str  # "ema" | "online" | "unwrapped" (the bare module: forward-mode passes) | "none"
     init_from: str = "unused"  # "required" | "optional" | "unused"
     train_scalings: str = "boundary"
     sample_scalings: str = "boundary"
@@ -284,6 +311,7 @@ class Recipe:
     flag_help: dict = field(default_factory=dict)
     flag_checks: dict = field(default_factory=dict)  # flag -> (test, what it must be)
     check_args: Optional[Callable] = None  # (args) -> raises a one-line ValueError
+    time_inputs: int = 1  # the network's time inputs (--time_inputs): 2 for MeanFlow's u(x, t, r)
 
     @property
     def needs_teacher(self):
@@ -338,12 +366,22 @@ RECIPES = {
             flags=("init_from", "huber_c", "p_mean", "p_std"), loss_options=("huber_c", "p_mean", "p_std"),
             **_LATER_ROW,
         ),
+        Recipe(
+            "meanflow", _meanflow, _meanflow_schedule, teacher="unused", target="unwrapped", init_from="optional",
+            train_scalings="none", sample_scalings="none", presets=_meanflow_presets,
+            flags=("init_from", "mf_times", "tangent_warmup_steps", "jvp"), loss_options=("mf_times", "jvp"),
+            level_name="tangent_warmup", uses_loss_norm=False, time_inputs=2, new_optimizer=meanflow_optimizer,
+            flag_defaults=dict(MEANFLOW_FLAG_DEFAULTS), flag_help=dict(MEANFLOW_FLAG_HELP),
+            flag_checks=dict(MEANFLOW_FLAG_CHECKS),
+        ),
         _dmd2_row(),
     )
 }
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
+# models whose raw output is sampled by a flow sampler (cm.samplers.FLOW_SAMPLERS): MeanFlow
+FLOW_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "none")
 
 
 def get_recipe(training_mode):

@@ -44,9 +44,10 @@ from .fileio import write_atomic
 from .fp16_util import resolve_use_fp16
 from .precision import add_speed_flags, prepare_from_args
 from .karras_diffusion import karras_sample
+from .meanflow import meanflow_sample, parse_flow_times
 from .random_util import get_generator
-from .samplers import CHURN_DEFAULTS
-from .recipes import CONSISTENCY_MODES, samples_with_boundary_scalings  # noqa: F401  (CONSISTENCY_MODES: re-exported)
+from .samplers import CHURN_DEFAULTS, FLOW_SAMPLERS
+from .recipes import CONSISTENCY_MODES, FLOW_MODES, RECIPES, samples_with_boundary_scalings  # noqa: F401  (CONSISTENCY_MODES: re-exported)
 from .script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -71,7 +72,9 @@ SAMPLE_HELP = {
     "sigmas": "comma list of descending noise levels for --sampler multistep instead of --ts, e.g. 80,0.821 "
     "(ECT/iCT two-step); each in [sigma_min, sigma_max], one network call each",
     "training_mode": "how the checkpoint was trained; " + "/".join(CONSISTENCY_MODES) + " use "
-    "the consistency-model scalings, edm/progdist the EDM ones",
+    "the consistency-model scalings, edm/progdist the EDM ones, meanflow none (the network's output is u)",
+    "flow_times": "--sampler meanflow: comma list of decreasing times in [0, 0.999]; one step per pair "
+    "x <- x - (t - s)·u(x, t, s) from x = t_0·e (0.999,0: one step; 0.999,0.5,0: two)",
 }
 
 
@@ -166,9 +169,30 @@ def check_common_args(args):
     return parse_class_labels(args.class_labels, args.class_cond)
 
 
+def check_flow_args(args):
+    """--sampler meanflow ⇔ --training_mode meanflow, which needs --time_inputs 2; returns the flow times or None."""
+    flow = args.sampler in FLOW_SAMPLERS
+    if flow != (args.training_mode in FLOW_MODES):
+        raise UsageError(
+            f"--sampler {args.sampler} does not sample --training_mode {args.training_mode} models: "
+            "--training_mode meanflow goes with --sampler meanflow (and only it)"
+        )
+    if not flow:
+        return None
+    if args.time_inputs != RECIPES[args.training_mode].time_inputs:
+        raise UsageError(
+            f"--training_mode {args.training_mode} networks have two time inputs (t, r): give --time_inputs 2"
+        )
+    try:
+        return parse_flow_times(getattr(args, "flow_times", "0.999,0"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def check_sample_args(args):
     """Validate image_sample.py's flags; returns (ts list or None, class label list or None)."""
     class_labels = check_common_args(args)
+    check_flow_args(args)
     if parse_sigmas(getattr(args, "sigmas", ""), args.sampler, args.sigma_min, args.sigma_max):
         if args.ts:
             raise UsageError("--ts and --sigmas both given; the multistep sampler takes one of them")
@@ -272,6 +296,7 @@ def sample_images(
     sigma_max=80.0,
     device=None,
     progress=True,
+    flow_times=None,
     **churn,
 ):
     """Draw ``num_samples`` samples on all ranks; returns (uint8 NHWC array, int64 labels or None).
@@ -279,6 +304,7 @@ def sample_images(
     Every rank gets the full result, in sample-index order. ``batch_size`` is
     per process. See the module docstring for what makes it reproducible.
     ``churn``: heun/dpm's s_churn, s_tmin, s_tmax, s_noise (`cm.samplers.CHURN_DEFAULTS`).
+    ``sampler="meanflow"``: a two-time network stepped over ``flow_times``.
     """
     unknown = sorted(set(churn) - set(CHURN_DEFAULTS))
     if unknown:
@@ -304,22 +330,26 @@ def sample_images(
                 labels_gen.set_done_samples(done)
                 y = labels_gen.randint(0, NUM_CLASSES, (batch_size,), device=device)
             model_kwargs["y"] = y
-        x = karras_sample(
-            diffusion,
-            model,
-            (batch_size, 3, image_size, image_size),
-            steps=steps,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-            device=device,
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            sampler=sampler,
-            generator=noise,
-            ts=ts,
-            sigmas=sigmas,
-            **churn,
-        )
+        shape = (batch_size, 3, image_size, image_size)
+        if sampler in FLOW_SAMPLERS:
+            x = meanflow_sample(model, shape, flow_times, noise, model_kwargs, device).clamp(-1, 1)
+        else:
+            x = karras_sample(
+                diffusion,
+                model,
+                shape,
+                steps=steps,
+                clip_denoised=clip_denoised,
+                model_kwargs=model_kwargs,
+                device=device,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                sampler=sampler,
+                generator=noise,
+                ts=ts,
+                sigmas=sigmas,
+                **churn,
+            )
         keep = min(world * batch_size, num_samples - done)  # drop the clamped padding
         images.append(gather_in_index_order(to_uint8(x))[:keep])
         if class_cond:

@@ -210,6 +210,26 @@ def sample_progdist(denoiser, x, sigmas, generator=None, progress=False, callbac
     return x
 
 
+@torch.no_grad()
+def sample_meanflow(velocity, x, times, generator=None, progress=False, callback=None):
+    """MeanFlow few-step sampling (Geng et al. 2025, Alg. 2): x ← x − (t − s)·u(x, t, s) per consecutive (t, s).
+
+    ``velocity(x, t, r)`` is the average velocity u with t, r of shape [N]; ``x``
+    the start at times[0] (FastGen's latent times[0]·e); ``times`` descending.
+    """
+    s_in = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    for i in _steps(len(times) - 1, progress):
+        t, s = float(times[i]), float(times[i + 1])
+        u = velocity(x, t * s_in, s * s_in)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "u": u})
+        x = x - (t - s) * u
+    return x
+
+
+# samplers of a two-time flow network u(x, t, r) (the time grid is theirs, not the Karras σ grid)
+FLOW_SAMPLERS = {"meanflow": sample_meanflow}
+
 SAMPLERS = {
     "heun": sample_heun,
     "dpm": sample_dpm,

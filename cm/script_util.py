@@ -9,7 +9,7 @@ from .precond import WEIGHT_SCHEDULES
 from .random_util import GENERATORS
 from .recipes import CM_TRAINING_MODES
 from .resample import SCHEDULE_SAMPLERS
-from .samplers import CHURN_DEFAULTS, SAMPLERS
+from .samplers import CHURN_DEFAULTS, FLOW_SAMPLERS, SAMPLERS
 from .schedules import create_ema_and_scales_fn  # noqa: F401  (public path of the original)
 from .song_unet import song_unet_from_flags
 from .unet import UNetModel
@@ -55,6 +55,7 @@ def model_and_diffusion_defaults():
         arch="adm",
         augment_dim=0,
         label_dropout=0.0,
+        time_inputs=1,
     )
 
 
@@ -139,9 +140,10 @@ FLAG_HELP = {
     "arch": "network: adm (the original UNet), ddpmpp or ncsnpp (EDM's SongUNet configurations)",
     "augment_dim": "ddpmpp/ncsnpp: size of the augmentation-label input map_augment (9 in EDM's CIFAR-10 models; 0: none)",
     "label_dropout": "ddpmpp/ncsnpp: probability of zeroing a sample's class label in training",
+    "time_inputs": "time inputs of the network: 1 (t), or 2 (t and r, MeanFlow's average velocity u(x, t, r))",
     "data_dir": "folder of training images (jpg/jpeg/png/gif, class = file-name prefix before '_')",
     "schedule_sampler": "training noise-level sampler: " + ", ".join(SCHEDULE_SAMPLERS),
-    "lr": "learning rate of RAdam",
+    "lr": "learning rate of the optimiser (RAdam; a recipe row may name another: meanflow uses Adam)",
     "weight_decay": "weight decay of RAdam",
     "lr_anneal_steps": "decay the learning rate linearly to 0 over this many steps (0: constant)",
     "global_batch_size": "batch size summed over all processes",
@@ -170,7 +172,8 @@ FLAG_HELP = {
     "generator": "noise generator: " + ", ".join(GENERATORS),
     "clip_denoised": "clamp denoised images to [-1, 1] while sampling",
     "num_samples": "number of samples to draw",
-    "sampler": "sampler: " + ", ".join(SAMPLERS),
+    "sampler": "sampler: " + ", ".join(SAMPLERS) + " (EDM/consistency models), " + ", ".join(FLOW_SAMPLERS)
+    + " (--training_mode meanflow)",
     "s_churn": "stochasticity S_churn of heun/dpm",
     "s_tmin": "smallest σ that gets churn",
     "s_tmax": "largest σ that gets churn",
@@ -183,6 +186,7 @@ FLAG_HELP = {
 
 CHOICES = {
     "arch": ARCHS,
+    "time_inputs": (1, 2),
     "weight_schedule": WEIGHT_SCHEDULES,
     "schedule_sampler": SCHEDULE_SAMPLERS,
     "training_mode": TRAINING_MODES,
@@ -190,7 +194,7 @@ CHOICES = {
     "scale_mode": ("fixed", "progressive", "progdist"),
     "loss_norm": LOSS_NORMS,
     "generator": GENERATORS,
-    "sampler": tuple(SAMPLERS),
+    "sampler": tuple(SAMPLERS) + tuple(FLOW_SAMPLERS),
 }
 
 
@@ -235,6 +239,7 @@ def create_model_and_diffusion(
     arch="adm",
     augment_dim=0,
     label_dropout=0.0,
+    time_inputs=1,
 ):
     """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser.
 
@@ -261,6 +266,7 @@ def create_model_and_diffusion(
         arch=arch,
         augment_dim=augment_dim,
         label_dropout=label_dropout,
+        time_inputs=time_inputs,
     )
     diffusion = KarrasDenoiser(
         sigma_data=0.5,
@@ -294,6 +300,7 @@ def create_model(
     arch="adm",
     augment_dim=0,
     label_dropout=0.0,
+    time_inputs=1,
 ):
     """Build the UNet (``arch`` adm) or EDM's SongUNet (ddpmpp/ncsnpp) from flag values.
 
@@ -314,7 +321,7 @@ def create_model(
         return song_unet_from_flags(
             arch, image_size, num_channels, mult, num_res_blocks, attention_res, dropout=dropout,
             class_cond=class_cond, augment_dim=augment_dim, label_dropout=label_dropout,
-            use_fp16=use_fp16, num_classes=NUM_CLASSES,
+            use_fp16=use_fp16, num_classes=NUM_CLASSES, time_inputs=time_inputs,
         )
     if augment_dim or label_dropout:
         raise ValueError("--augment_dim and --label_dropout need --arch ddpmpp or ncsnpp")
@@ -336,6 +343,7 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        time_inputs=time_inputs,
     )
     return model
 

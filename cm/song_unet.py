@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .nn import check_time_inputs
+
 # The two published configurations (EDM train.py --arch ddpmpp / ncsnpp).
 ARCH_CONFIGS = {
     "ddpmpp": dict(
@@ -144,7 +146,8 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, c):
         half = self.num_channels // 2
-        freqs = (1 / self.max_positions) ** (torch.arange(half, dtype=torch.float32, device=c.device) / (half - 1))
+        dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
+        freqs = (1 / self.max_positions) ** (torch.arange(half, dtype=dtype, device=c.device) / (half - 1))
         arg = torch.outer(c, freqs.to(c.dtype))
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
@@ -207,7 +210,8 @@ class UNetBlock(nn.Module):
         n, c, height, width = x.shape
         # qkv channels are laid out (C, 3): channel c of q, k, v is output 3c, 3c+1, 3c+2
         q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, height * width).unbind(2)
-        w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2).to(q.dtype)
+        wide = torch.promote_types(q.dtype, torch.float32)  # float32 softmax (float64 in a float64 network)
+        w = torch.einsum("ncq,nck->nqk", q.to(wide), k.to(wide) / math.sqrt(c)).softmax(dim=2).to(q.dtype)
         a = torch.einsum("nqk,nck->ncq", w, v)
         return self.proj(a.reshape(n, c, height, width))
 
@@ -217,7 +221,11 @@ class SongUNet(nn.Module):
 
     :param timesteps: (forward) 250·ln σ, as KarrasDenoiser passes; c_noise = t/1000.
     :param y: (forward) integer labels [N] (or one-hot [N, label_dim]) when label_dim > 0.
+    :param time_inputs: 2 for a second time input r (``r_timesteps``), embedded like t after t's features.
     """
+
+    # layers whose size depends on time_inputs (see cm.nn.widen_time_inputs)
+    TIME_KEYS = {"map_layer0.weight": 1, "map_label.weight": 0, "map_label.bias": 0, "map_augment.weight": 0}
 
     def __init__(
         self,
@@ -239,7 +247,10 @@ class SongUNet(nn.Module):
         decoder_type="standard",
         resample_filter=(1, 1),
         use_fp16=False,
+        time_inputs=1,
     ):
+        if time_inputs not in (1, 2):
+            raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs!r}")
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be positional or fourier, got {embedding_type!r}")
         if encoder_type not in ("standard", "skip", "residual"):
@@ -251,6 +262,7 @@ class SongUNet(nn.Module):
         self.label_dim = label_dim
         self.augment_dim = augment_dim
         self.label_dropout = label_dropout
+        self.time_inputs = time_inputs
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.feature_suffix = f"_block{num_blocks - 1}"  # feature taps: each level's last block
         emb_channels = model_channels * channel_mult_emb
@@ -262,9 +274,11 @@ class SongUNet(nn.Module):
             self.map_noise = PositionalEmbedding(noise_channels)
         else:
             self.map_noise = FourierEmbedding(noise_channels)
-        self.map_label = Linear(label_dim, noise_channels) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels)
+        # time_inputs 2 (MeanFlow's u(x, t, r), FastGen's r_timestep): a second embedding of r after t's
+        map_in = noise_channels * time_inputs
+        self.map_label = Linear(label_dim, map_in) if label_dim else None
+        self.map_augment = Linear(augment_dim, map_in, bias=False) if augment_dim else None
+        self.map_layer0 = Linear(map_in, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
 
         # Encoder
@@ -326,10 +340,24 @@ class SongUNet(nn.Module):
         self.dec.float()
         self.dtype = torch.float32
 
-    def embed(self, c_noise, class_labels=None, augment_labels=None):
-        """The mapping network: emb from c_noise, one-hot labels and augment labels."""
-        emb = self.map_noise(c_noise)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # sin half first
+    def time_dtype(self):
+        """float32 for the time path (EDM's), float64 in a float64 network."""
+        return torch.float64 if self.map_layer0.weight.dtype == torch.float64 else torch.float32
+
+    def time_features(self, timesteps):
+        """The noise embedding of c_noise = timesteps/1000 **before** the sin/cos swap, i.e.
+        [cos(c·f), sin(c·f)]: where FastGen's sCM log-variance head reads it."""
+        return self.map_noise(timesteps.to(self.time_dtype()) / 1000)
+
+    def _swapped_features(self, c):
+        emb = self.map_noise(c)
+        return emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # sin half first
+
+    def embed(self, c_noise, class_labels=None, augment_labels=None, c_noise_r=None):
+        """The mapping network: emb from c_noise (and c_noise_r), one-hot labels and augment labels."""
+        emb = self._swapped_features(c_noise)
+        if self.time_inputs == 2:
+            emb = torch.cat([emb, self._swapped_features(c_noise_r)], dim=1)
         if self.map_label is not None:
             labels = class_labels
             if self.training and self.label_dropout:
@@ -354,15 +382,19 @@ class SongUNet(nn.Module):
             raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
         return F.one_hot(y.long(), self.label_dim).float()
 
-    def forward_edm(self, x, c_noise, class_labels=None, augment_labels=None, return_features=False):
+    def forward_edm(self, x, c_noise, class_labels=None, augment_labels=None, return_features=False, c_noise_r=None):
         """EDM's own calling convention: F(x, c_noise = ln(σ)/4, one-hot labels).
 
         ``return_features``: also return the encoder features, the outputs of each
         resolution level's last block ``{res}x{res}_block{num_blocks-1}``
         (highest resolution first; the last one is the bottleneck).
+        ``c_noise_r``: the second time input of a ``time_inputs=2`` network (and only of one).
         """
+        check_time_inputs(self.time_inputs, c_noise_r)
+        if c_noise_r is not None:
+            c_noise_r = c_noise_r.to(self.time_dtype()).reshape(-1)
         features = []
-        emb = self.embed(c_noise.float().reshape(-1), class_labels, augment_labels)
+        emb = self.embed(c_noise.to(self.time_dtype()).reshape(-1), class_labels, augment_labels, c_noise_r)
         out_dtype = x.dtype
         x = x.to(self.dtype)
         skips = []
@@ -399,11 +431,15 @@ class SongUNet(nn.Module):
         out = aux.to(out_dtype)
         return (out, features) if return_features else out
 
-    def forward(self, x, timesteps, y=None, augment_labels=None, return_features=False):
-        """Apply to an NCHW batch; ``timesteps`` = 250·ln σ, ``y`` integer labels."""
-        c_noise = timesteps.to(torch.float32) / 1000  # ln(σ)/4
+    def forward(self, x, timesteps, y=None, augment_labels=None, return_features=False, r_timesteps=None):
+        """Apply to an NCHW batch; ``timesteps`` = 250·ln σ, ``y`` integer labels.
+
+        ``r_timesteps``: the second time input (same units) of a ``time_inputs=2`` network.
+        """
+        c_noise = timesteps.to(self.time_dtype()) / 1000  # ln(σ)/4
+        c_noise_r = None if r_timesteps is None else r_timesteps.to(self.time_dtype()) / 1000
         labels = self.one_hot(y, x.shape[0], x.device)
-        return self.forward_edm(x, c_noise, labels, augment_labels, return_features)
+        return self.forward_edm(x, c_noise, labels, augment_labels, return_features, c_noise_r=c_noise_r)
 
 
 def song_unet_from_flags(
@@ -419,6 +455,7 @@ def song_unet_from_flags(
     label_dropout=0.0,
     use_fp16=False,
     num_classes=10,
+    time_inputs=1,
 ):
     """A DDPM++ (``arch='ddpmpp'``) or NCSN++ (``'ncsnpp'``) network from script-style values."""
     if arch not in ARCH_CONFIGS:
@@ -434,5 +471,6 @@ def song_unet_from_flags(
         dropout=dropout,
         label_dropout=label_dropout,
         use_fp16=use_fp16,
+        time_inputs=time_inputs,
         **ARCH_CONFIGS[arch],
     )

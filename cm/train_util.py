@@ -454,14 +454,15 @@ class CMTrainLoop(TrainLoop):
         """Every network the loss calls, wrapped once: precision (autocast), DDP for the student."""
         super()._wrap_networks()
         row = self.recipe
-        target = {"ema": self.target_model, "online": self.model}.get(row.target)
+        target = {"ema": self.target_model, "online": self.model, "unwrapped": self.model}.get(row.target)
+        wrap_target = row.target != "unwrapped"  # a forward-mode pass runs on the bare module, in float32
         teacher = None
         if self.teacher_model is not None:
             # frozen: under bf16 its weights are stored in bf16 once (autocast's numbers, cast once)
             teacher = precision_wrap(self.teacher_model, self.precision, frozen=row.frozen_bf16_teacher)
         self.nets = recipes.Networks(
             student=self.student,
-            target=self._net(target) if target is not None else None,
+            target=None if target is None else self._net(target) if wrap_target else target,
             teacher=teacher,
             teacher_diffusion=self.teacher_diffusion,
             extra={name: self._net(module) for name, module in self.extra_networks.items()},
@@ -517,6 +518,8 @@ class CMTrainLoop(TrainLoop):
                 losses = self.recipe.loss(self.diffusion, self.nets, batch[part], level, micro_cond, self.loss_options)
                 self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
+            for key, values in losses.get("monitors", {}).items():  # a row's own per-sample monitors
+                logger.logkv_mean(key, values.detach().double().mean().item())
             if "r" in losses:  # a pair of levels (t, r) per sample
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     avg_pool_nd,
+    check_time_inputs,
     checkpoint,
     conv_nd,
+    explicit_attention_active,
     linear,
     normalization,
     timestep_embedding,
@@ -185,6 +187,9 @@ class QKVAttention(nn.Module):
         q, k, v = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(-1, -2).unbind(1)
         if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":
             out = _bf16_cpu_attention(q, k, v)
+        elif explicit_attention_active():  # forward-mode AD (cm.jvp): no fused kernel
+            weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).softmax(dim=-1)
+            out = torch.matmul(weights, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(-1, -2).reshape(bs, self.n_heads * ch, length)
@@ -252,7 +257,10 @@ class UNetModel(nn.Module):
     :param attention_resolutions: downsample factors (1, 2, 4, …) at which to
         put attention, e.g. ``(2,)`` for 16 px in a 32 px model.
     :param num_classes: if given, the model is class-conditional with that many classes.
+    :param time_inputs: 2 for a second time input r (``r_timesteps``), embedded like t after t's features.
     """
+
+    TIME_KEYS = {"time_embed.0.weight": 1}  # the layer whose size depends on time_inputs (cm.nn.widen_time_inputs)
 
     def __init__(
         self,
@@ -275,8 +283,11 @@ class UNetModel(nn.Module):
         use_scale_shift_norm=False,
         resblock_updown=False,
         use_new_attention_order=False,
+        time_inputs=1,
     ):
         super().__init__()
+        if time_inputs not in (1, 2):
+            raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs!r}")
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
 
@@ -295,10 +306,12 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
+        self.time_inputs = time_inputs
 
         time_embed_dim = model_channels * 4
+        # time_inputs 2 (MeanFlow's u(x, t, r)): the sinusoidal features of r follow t's
         self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
+            linear(model_channels * time_inputs, time_embed_dim),
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
@@ -393,7 +406,12 @@ class UNetModel(nn.Module):
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
 
-    def forward(self, x, timesteps, y=None, return_features=False):
+    def time_features(self, timesteps):
+        """The sinusoidal features of the time input (before ``time_embed``; sCM's logvar head reads them)."""
+        wide = self.time_embed[0].weight.dtype == torch.float64  # a float64 network stays float64
+        return timestep_embedding(timesteps, self.model_channels, dtype=torch.float64 if wide else torch.float32)
+
+    def forward(self, x, timesteps, y=None, return_features=False, r_timesteps=None):
         """Apply the model to an NCHW batch.
 
         :param timesteps: a 1-D batch of (real-valued) time inputs, 250·ln σ.
@@ -401,10 +419,15 @@ class UNetModel(nn.Module):
         :param return_features: also return the encoder features, a list with the
             output of each resolution level's last block (highest resolution first;
             the last one is the bottleneck, the input of the middle block).
+        :param r_timesteps: the second time input (same units) of a ``time_inputs=2`` model.
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        check_time_inputs(self.time_inputs, r_timesteps)
+        time = self.time_features(timesteps)
+        if r_timesteps is not None:
+            time = torch.cat([time, self.time_features(r_timesteps)], dim=1)
+        emb = self.time_embed(time)
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

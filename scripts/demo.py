@@ -48,6 +48,8 @@ HELP = {
     "ect_p_mean": "ECT: mean of ln t, the log-normal its noise levels t are drawn from",
     "ict_steps": "iCT steps at most, also K of its N(k) doubling schedule",
     "ict_lr": "iCT learning rate",
+    "mf_steps": "MeanFlow steps (an upper bound: the time budget stops it first)",
+    "mf_lr": "MeanFlow learning rate (Adam, the row's optimiser)",
     "recipe_batch_size": "ECT and iCT batch size",
     "recipe_ema_rate": "EMA rate of the ECT and iCT weights used for sampling",
     "two_step_sigmas": "noise levels of the ECT/iCT two-step sampler",

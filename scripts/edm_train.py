@@ -13,7 +13,7 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm import dist_util
-from cm.cli import OneLineArgumentParser, run_cli
+from cm.cli import OneLineArgumentParser, UsageError, run_cli
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.resample import create_named_schedule_sampler
 from cm.script_util import (
@@ -49,6 +49,8 @@ def create_argparser():
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     resolve_speed_args(args)
+    if args.time_inputs != 1:
+        raise UsageError("--time_inputs 2 is for two-time networks: cm_train.py --training_mode meanflow")
     if args.schedule_sampler == "uniform":
         raise ValueError(
             "--schedule_sampler uniform draws grid indices, which the original fed to the EDM loss as if they "

@@ -5,6 +5,8 @@
   mpiexec -n 8 python scripts/image_sample.py --training_mode consistency_distillation \\
       --sampler multistep --ts 0,22,39 --model_path cd_cifar10.pt ...
   python scripts/image_sample.py --training_mode ect --sampler multistep --sigmas 80,0.821 ...
+  python scripts/image_sample.py --training_mode meanflow --sampler meanflow --time_inputs 2 \
+      --flow_times 0.999,0 --arch ddpmpp --model_path mf_cifar10.pt ...
 
 The same command gives the same .npz for any --batch_size and number of
 processes (see cm/sample_util.py).
@@ -18,6 +20,7 @@ from cm.formats.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.precision import resolve_speed_args, wrap
 from cm.samplers import churn_kwargs
 from cm.sample_util import (
+    check_flow_args,
     check_sample_args,
     create_argparser,
     load_model_and_diffusion,
@@ -29,11 +32,12 @@ from cm.sample_util import (
 
 
 def main(argv=None):
-    defaults = dict(sample_flag_defaults(), sigmas="")
+    defaults = dict(sample_flag_defaults(), sigmas="", flow_times="0.999,0")
     args = create_argparser(defaults, description=__doc__.splitlines()[0]).parse_args(argv)
     # a self-describing file (EDM .pkl) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", sample_flag_defaults(), SAMPLING_FLAGS)
     ts, class_labels = check_sample_args(args)
+    flow_times = check_flow_args(args)
     sigmas = parse_sigmas(args.sigmas, args.sampler, args.sigma_min, args.sigma_max)
     resolve_speed_args(args)
 
@@ -64,6 +68,7 @@ def main(argv=None):
         sigma_min=args.sigma_min,
         sigma_max=args.sigma_max,
         **churn_kwargs(args),
+        flow_times=flow_times,
     )
     if dist_util.get_rank() == 0:
         npz_path, png_path = save_samples(logger.get_dir(), images, labels)

@@ -22,7 +22,8 @@ from cm.tools import demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep",
-            "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep")
+            "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep",
+            "mf_onestep", "mf_twostep")
 
 
 # ----------------------------------------------------------------------------
@@ -90,7 +91,8 @@ def test_sampler_evaluation_counts():
     recipes = [(name, nfe, mode) for name, _, nfe, mode, _ in demo.recipe_samplers(cfg)]
     assert recipes == [("ect_onestep", 1, "ect"), ("ect_twostep", 2, "ect"), ("ict_onestep", 1, "ict"),
                        ("ict_twostep", 2, "ict"), ("dmd2_onestep", 1, "dmd2"), ("dmd2_twostep", 2, "dmd2"),
-                       ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2")]
+                       ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2"),
+                       ("mf_onestep", 1, "meanflow"), ("mf_twostep", 2, "meanflow")]
 
 
 # ----------------------------------------------------------------------------
@@ -141,12 +143,12 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    for mode in ("ect", "ict"):  # the quick preset runs its steps (no time limit)
+    for mode in ("ect", "ict", "mf"):  # the quick preset runs its steps (no time limit)
         assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000003.pt").is_file()
     for mode in ("dmd2", "dmd2_gan"):
         assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{cfg.dmd2_steps:06d}.pt").is_file()
         assert (out / mode / f"dmd2_critic{cfg.dmd2_steps:06d}.pt").is_file()
-    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train",
+    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train", "mf_train",
                 *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
@@ -156,7 +158,7 @@ def test_quick_run_prints_the_table(quick_run):
     nfe = {"EDM teacher, Heun": 2 * cfg.heun_steps - 1, "CD, one step": 1, "CD, two steps": 2}
     nfe.update({"ECT, one step": 1, "ECT, two steps": 2, "iCT, one step": 1, "iCT, two steps": 2})
     nfe.update({"CD + DMD2, one step": 1, "CD + DMD2, two steps": 2, "CD + DMD2 + GAN, one step": 1,
-                "CD + DMD2 + GAN, two steps": 2})
+                "CD + DMD2 + GAN, two steps": 2, "MeanFlow, one step": 1, "MeanFlow, two steps": 2})
     for label, evaluations in nfe.items():
         row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
         assert len(row) == 1, stdout
@@ -174,15 +176,15 @@ def test_quick_run_results_json(quick_run):
     assert results["config"] == cfg.as_dict()
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
-    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 3, "ict": 3, "dmd2": cfg.dmd2_steps, "dmd2_gan": cfg.dmd2_steps}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    assert results["recipe_steps"] == {"ect": 3, "ict": 3, "dmd2": cfg.dmd2_steps, "dmd2_gan": cfg.dmd2_steps, "mf": 3}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
     assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train",
-                                        "dmd2_gan_train", "edit_inpaint", "edit_superres"} | {
+                                        "dmd2_gan_train", "mf_train", "edit_inpaint", "edit_superres"} | {
         f"sample_{n}" for n in SAMPLERS}  # fmt: skip
     for key in ("dmd2_train", "dmd2_gan_train"):  # the CD model tuned, the teacher as the real score
         cmd = results["commands"][key]
@@ -190,6 +192,8 @@ def test_quick_run_results_json(quick_run):
         assert any(a.startswith("--teacher_model_path=") and "/edm/" in a for a in cmd)
     assert "--dmd_gan=True" in results["commands"]["dmd2_gan_train"]
     assert "--dmd_gan=True" not in results["commands"]["dmd2_train"]
+    assert "--time_inputs=2" in results["commands"]["mf_train"] and "--init_from=none" in results["commands"]["mf_train"]
+    assert "--sampler=meanflow" in results["commands"]["sample_mf_onestep"]
     assert "--init_from=none" in results["commands"]["ict_train"]
     assert any(a.startswith("--init_from=") and a.endswith(".pt") for a in results["commands"]["ect_train"])
     assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"

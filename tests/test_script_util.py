@@ -33,6 +33,7 @@ def test_spec_defaults():
         dropout=0.0, class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False,
         use_fp16=False, use_new_attention_order=False, learn_sigma=False, weight_schedule="karras",
         arch="adm", augment_dim=0, label_dropout=0.0,  # issue 9: EDM's SongUNet, off by default
+        time_inputs=1,  # issue 24: MeanFlow's second time input r, off by default
     )
     assert cm_train_defaults()["loss_norm"] == "lpips" and cm_train_defaults()["start_scales"] == 40
     assert train_defaults()["global_batch_size"] == 2048 and train_defaults()["batch_size"] == -1

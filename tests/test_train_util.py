@@ -43,7 +43,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def build(dropout=0.0, distillation=False, num_channels=32):
+def build(dropout=0.0, distillation=False, num_channels=32, time_inputs=1):
     kw = model_and_diffusion_defaults()
     kw.update(
         image_size=8,
@@ -54,6 +54,7 @@ def build(dropout=0.0, distillation=False, num_channels=32):
         dropout=dropout,
         distillation=distillation,
         loss_norm="l2",
+        time_inputs=time_inputs,
     )
     torch.manual_seed(0)
     return create_model_and_diffusion(**kw)

@@ -9,8 +9,9 @@ Add a format by adding its suffix and reader to `READERS`.
 
 import os
 
-from ..checkpoint import load_model_state, read_checkpoint
+from ..checkpoint import load_model_state, read_checkpoint, strip_wrapper_prefix
 from ..cli import UsageError
+from ..nn import widen_time_inputs
 
 # flags that fix the network's structure: a file that describes itself decides them
 STRUCTURE_FLAGS = (
@@ -114,13 +115,14 @@ def adopt_network_flags(args, flag, defaults, keys=STRUCTURE_FLAGS):
     return model, flags
 
 
-def load_network_weights(model, path, network, flag):
+def load_network_weights(model, path, network, flag, widen_time=False):
     """Load the ``--<flag>`` file ``path`` into ``model``.
 
     ``network`` is what `adopt_network_flags` returned for it: (model, flags) of a
     self-describing file, whose weights are taken; None for a plain checkpoint,
     which is read (missing: one line naming the flag). A state that does not fit
-    ``model`` is a one-line CheckpointError.
+    ``model`` is a one-line CheckpointError. ``widen_time``: a one-time network may
+    initialise a two-time ``model`` (`cm.nn.widen_time_inputs`: r's weights zero).
     """
     if network is not None:
         state = network[0].state_dict()
@@ -129,4 +131,7 @@ def load_network_weights(model, path, network, flag):
             state = read_checkpoint(path)
         except FileNotFoundError:
             raise UsageError(f"--{flag} {path}: no such file") from None
+    if widen_time and getattr(model, "time_inputs", 1) == 2 and isinstance(state, dict):
+        state, _ = strip_wrapper_prefix(state, model.state_dict())
+        state = widen_time_inputs(model, state)
     load_model_state(model, state, f"--{flag} {path}")

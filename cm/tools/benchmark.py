@@ -1,10 +1,13 @@
-"""Throughput of the four hot loops, in images per second, with peak memory.
+"""Throughput of the hot loops, in images per second, with peak memory.
 
 * ``edm_train``: one EDM training step of `cm.train_util.TrainLoop` (log-normal
   σ, forward, backward, RAdam, EMA update);
 * ``cd_train``: one consistency-distillation step of `CMTrainLoop` (teacher
   Heun step = 2 teacher evaluations, target evaluation, student forward and
   backward, RAdam, EMA and target-EMA updates);
+* ``meanflow_train``: one MeanFlow step of `CMTrainLoop` on the same network
+  with a second time input (du/dt by a forward-mode JVP pass without gradient,
+  then the forward and backward of u, Adam, EMA update);
 * ``onestep``: one-step consistency sampling (`karras_sample`, sampler onestep);
 * ``heun_step``: one step of the Heun sampler between two adjacent levels of an
   18-level schedule (2 evaluations; a whole 18-step sample costs 17.5 of them).

@@ -94,6 +94,29 @@ def setup_cd_train(cfg, device):
     return lambda: loop.run_step(x, cond), model, [model, target, teacher]
 
 
+def setup_meanflow_train(cfg, device):
+    """One MeanFlow step of the consistency loop on the same network with a second time input."""
+    from ..meanflow import meanflow_schedule
+    from ..script_util import create_model_and_diffusion
+    from ..train_util import CMTrainLoop
+
+    model, diffusion = create_model_and_diffusion(**_model_kwargs(cfg, dropout=cfg["edm_dropout"], time_inputs=2))
+    model.to(device)
+    _memory_format(cfg, model)
+    loop = CMTrainLoop(
+        target_model=None,
+        teacher_model=None,
+        teacher_diffusion=None,
+        training_mode="meanflow",
+        ema_scale_fn=meanflow_schedule(0),
+        total_training_steps=10**9,
+        loss_options=dict(mf_times="fastgen", jvp="ad"),
+        **_train_loop_kwargs(cfg, model, diffusion),
+    )
+    x, cond = _inputs(cfg, device)
+    return lambda: loop.run_step(x, cond), model, [model]
+
+
 def _memory_format(cfg, model):
     if cfg["channels_last"]:
         prec.to_channels_last(model)
@@ -155,6 +178,7 @@ def setup_heun_step(cfg, device):
 MEASURES = {
     "edm_train": (setup_edm_train, "EDM training step (fwd+bwd, RAdam, EMA)", 1),
     "cd_train": (setup_cd_train, "CD step (teacher Heun + target + student fwd/bwd)", 4),
+    "meanflow_train": (setup_meanflow_train, "MeanFlow step (JVP pass + fwd/bwd, Adam, EMA)", 2),
     "onestep": (setup_onestep, "one-step CM sampling", 1),
     "heun_step": (setup_heun_step, "one Heun step (EDM sampler)", 2),
 }

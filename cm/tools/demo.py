@@ -13,10 +13,11 @@ stage's wall time once):
    (subprocess; checkpoints and logs in ``OUT/edm``);
 4. ``scripts/cm_train.py`` distils it with consistency distillation
    (subprocess; ``OUT/cd``), starting from the teacher's EMA weights;
-4b. the later recipes, each for the CD stage's wall time (both at once, one
+4b. the later recipes, each for the CD stage's wall time (all at once, one
    thread each, stopped by SIGTERM when the time is up: the training loop
    finishes its step and saves): ECT tunes the teacher's EMA weights into a
-   consistency model (``OUT/ect``), iCT trains one from scratch (``OUT/ict``);
+   consistency model (``OUT/ect``), iCT trains one from scratch (``OUT/ict``),
+   and so does MeanFlow, a two-time network sampled in one and two steps (``OUT/mf``);
 5. ``scripts/image_sample.py`` draws EDM-Heun, one-step CM and two-step CM
    samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main``
    is called in this process so that the wall time covers sampling and not
@@ -117,6 +118,8 @@ class DemoConfig:
     dmd2_ratio: int = 5  # fake-score updates per generator update
     dmd2_warmup: int = 50  # lr warm-up iterations (DMD2: 500)
     dmd2_gan_max_step: int = 20  # diffusion-GAN noise levels: the lower 20 of the 40-point grid
+    mf_steps: int = 100000  # MeanFlow from scratch: an upper bound, the time budget stops it first
+    mf_lr: float = 6e-4  # Adam (the row's optimiser), the paper's CIFAR-10 value
     recipe_batch_size: int = 32
     recipe_ema_rate: float = 0.99
     two_step_sigmas: str = "80,0.821"
@@ -160,6 +163,7 @@ def quick_config():
         dmd2_steps=2,
         dmd2_ratio=2,
         dmd2_warmup=0,
+        mf_steps=3,
         recipe_batch_size=8,
         num_samples=20,
         sample_batch_size=20,

@@ -28,8 +28,10 @@ class RecipeStage:
     steps: Callable  # cfg -> --total_training_steps (an upper bound when the demo budgets by time)
     flags: Callable  # cfg -> the stage's own cm_train.py flags (lr, recipe flags)
     dropout: Callable = lambda cfg: 0.0  # cfg -> --dropout
+    one_step: Callable = lambda cfg: ["--sampler=onestep"]
     teacher: bool = False  # also pass the EDM teacher's EMA file as --teacher_model_path (DMD2's real score)
     two_step: Callable = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.two_step_sigmas}"]
+    network: Callable = lambda cfg: []  # cfg -> network flags beyond model_flags, for training and sampling
 
     def __post_init__(self):
         if self.start not in STARTS:
@@ -58,6 +60,19 @@ ICT = RecipeStage(
     start="none",
     steps=lambda cfg: cfg.ict_steps,  # also K of iCT's N(k) doubling schedule
     flags=lambda cfg: [f"--lr={cfg.ict_lr}"],
+)
+
+MEANFLOW = RecipeStage(
+    key="mf",
+    mode="meanflow",
+    label="MeanFlow",
+    start="none",
+    steps=lambda cfg: cfg.mf_steps,  # an upper bound: the time budget stops it first
+    flags=lambda cfg: [f"--lr={cfg.mf_lr}"],
+    one_step=lambda cfg: ["--sampler=meanflow", "--flow_times=0.999,0"],
+    two_step=lambda cfg: ["--sampler=meanflow", "--flow_times=0.999,0.5,0"],
+    # the demo's ADM network (the row's preset would pick DDPM++), with the second time input r
+    network=lambda cfg: ["--arch=adm", "--time_inputs=2"],
 )
 
 
@@ -96,7 +111,7 @@ DMD2_GAN = RecipeStage(
     teacher=True,
 )
 
-RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN)
+RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN, MEANFLOW)
 
 
 def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=None):
@@ -121,6 +136,7 @@ def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=Non
         f"--seed={cfg.seed + 2}",
         "--random_flip=False",
         *init,
+        *stage.network(cfg),
         *stage.flags(cfg),
     ]
 
@@ -129,9 +145,11 @@ def stage_samplers(stage, cfg):
     """The stage's table rows (name, label, NFE, training mode, sampler flags), in the shape of demo.samplers."""
     two = stage.two_step(cfg)
     sigmas = next((a.split("=", 1)[1] for a in two if a.startswith("--sigmas=")), None)
+    times = next((a.split("=", 1)[1] for a in two if a.startswith("--flow_times=")), None)
     n_two = len(sigmas.split(",")) if sigmas else 2
-    two_label = f"two steps (σ {sigmas})" if sigmas else "two steps"
+    two_label = f"two steps (σ {sigmas})" if sigmas else f"two steps (t {times})" if times else "two steps"
+    net = stage.network(cfg)
     return [
-        (f"{stage.key}_onestep", f"{stage.label}, one step", 1, stage.mode, ["--sampler=onestep"]),
-        (f"{stage.key}_twostep", f"{stage.label}, {two_label}", n_two, stage.mode, two),
+        (f"{stage.key}_onestep", f"{stage.label}, one step", 1, stage.mode, [*stage.one_step(cfg), *net]),
+        (f"{stage.key}_twostep", f"{stage.label}, {two_label}", n_two, stage.mode, [*two, *net]),
     ]
