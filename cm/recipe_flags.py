@@ -9,7 +9,7 @@ import argparse
 
 from .cli import UsageError
 from .model_files import load_network_weights
-from .recipes import P_MEAN, P_STD, RECIPE_MODES, pseudo_huber_c
+from .recipes import ECT_SIGMA_MIN, P_MEAN, P_STD, RECIPE_MODES, pseudo_huber_c
 
 
 def recipe_flag_defaults():
@@ -27,11 +27,13 @@ RECIPE_FLAG_HELP = {
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 
-# ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation.
+# ECT's CIFAR-10 run (Geng et al. 2024; its run_ecm.sh): 25.6 Mimg = 200k steps at batch 128, RAdam 1e-4,
+# dropout 0.2, no augmentation; its networks' boundary condition at σ_min 0.003 (ECMPrecond's default).
 # iCT's CIFAR-10 run (Song & Dhariwal 2023): 400k steps at batch 1024, dropout 0.3, EMA 0.99993, s0 10, s1 1280.
 RECIPE_PRESETS = {
     "ect": dict(
-        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000, random_flip=False
+        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=200000, random_flip=False,
+        sigma_min=ECT_SIGMA_MIN,
     ),
     "ict": dict(
         lr=1e-4,

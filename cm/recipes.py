@@ -17,6 +17,36 @@ RECIPE_MODES = ("ect", "ict")  # training modes of cm_train.py that use these sc
 
 
 # ----------------------------------------------------------------------------
+# How each training mode's network is called: scalings in training and in
+# sampling, σ_min of a new run, the few-step sampler and the uint8 conversion.
+# (These become columns of the recipe table's rows.)
+
+ECT_SIGMA_MIN = 0.003  # ECT's ECMPrecond default; its networks' boundary condition sits there
+
+_CM = dict(train_scalings="boundary", sample_scalings="boundary", sigma_min=SIGMA_MIN, fewstep="cm",
+           quantize="truncate")
+_EDM = dict(_CM, train_scalings="edm", sample_scalings="edm")
+PRECOND_ROWS = {
+    "edm": _EDM,
+    "progdist": _EDM,
+    "consistency_distillation": _CM,
+    "consistency_training": _CM,
+    "ict": _CM,
+    # ECT: ECMPrecond trains with EDM's scalings and evaluates with the boundary condition at
+    # σ_min 0.003; its few-step generator neither clamps nor shrinks the re-noising; its FID rounds
+    "ect": dict(train_scalings="edm", sample_scalings="boundary", sigma_min=ECT_SIGMA_MIN, fewstep="ect",
+                quantize="round"),
+}
+
+
+def precond_row(training_mode):
+    """The scalings/sampler/uint8 row of ``training_mode`` (one of `PRECOND_ROWS`)."""
+    if training_mode not in PRECOND_ROWS:
+        raise ValueError(f"unknown training_mode {training_mode!r}; choose one of {', '.join(PRECOND_ROWS)}")
+    return PRECOND_ROWS[training_mode]
+
+
+# ----------------------------------------------------------------------------
 # iCT
 
 

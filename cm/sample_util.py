@@ -236,9 +236,23 @@ def batch_indices(done, batch_size, rank, world_size, num_samples):
     return idx.clamp(max=num_samples - 1)
 
 
-def to_uint8(x):
-    """NCHW float in [−1, 1] → NHWC uint8, truncating like the original script."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+QUANTIZE = ("truncate", "round")
+
+
+def to_uint8(x, quantize="truncate"):
+    """NCHW float in [−1, 1] → NHWC uint8.
+
+    "truncate": ⌊(x + 1)·127.5⌋, the original script's conversion (about half a
+    level darker on average); "round": ⌊x·127.5 + 128⌋ clipped to [0, 255], what
+    EDM's and ECT's FID pipelines write, = (x + 1)·127.5 rounded half up.
+    """
+    if quantize == "truncate":
+        v = (x + 1) * 127.5
+    elif quantize == "round":
+        v = x * 127.5 + 128
+    else:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    return v.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def gather_in_index_order(t):
@@ -276,11 +290,15 @@ def sample_images(
     s_noise=1.0,
     device=None,
     progress=True,
+    fewstep="cm",
+    quantize="truncate",
 ):
     """Draw ``num_samples`` samples on all ranks; returns (uint8 NHWC array, int64 labels or None).
 
     Every rank gets the full result, in sample-index order. ``batch_size`` is
     per process. See the module docstring for what makes it reproducible.
+    ``fewstep``: what ``sigmas`` run ("cm" or "ect", see `karras_sample`);
+    ``quantize``: the uint8 conversion (`to_uint8`).
     """
     device = device if device is not None else dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
@@ -321,9 +339,10 @@ def sample_images(
             generator=noise,
             ts=ts,
             sigmas=sigmas,
+            fewstep=fewstep,
         )
         keep = min(world * batch_size, num_samples - done)  # drop the clamped padding
-        images.append(gather_in_index_order(to_uint8(x))[:keep])
+        images.append(gather_in_index_order(to_uint8(x, quantize))[:keep])
         if class_cond:
             labels.append(gather_in_index_order(model_kwargs["y"].long())[:keep])
         bar.update(keep)

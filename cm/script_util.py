@@ -237,8 +237,14 @@ def create_model_and_diffusion(
     arch="adm",
     augment_dim=0,
     label_dropout=0.0,
+    train_scalings=None,
 ):
-    """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser."""
+    """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser.
+
+    ``distillation``: the boundary-condition scalings (consistency models);
+    ``train_scalings``: "edm"/"boundary" for the training losses when they differ
+    from sampling's (ECT), None: the same.
+    """
     model = create_model(
         image_size,
         num_channels,
@@ -268,6 +274,7 @@ def create_model_and_diffusion(
         weight_schedule=weight_schedule,
         loss_norm=loss_norm,
         lpips_path=lpips_path,
+        train_scalings=train_scalings,
     )
     return model, diffusion
 

@@ -32,7 +32,7 @@ from cm.recipe_flags import (
     load_init_weights,
     recipe_flag_defaults,
 )
-from cm.recipes import recipe_ema_and_scales_fn
+from cm.recipes import precond_row, recipe_ema_and_scales_fn
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -117,9 +117,11 @@ def main(argv=None):
     dist_util.setup_dist(timeout=args.dist_timeout)
     batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
     torch.manual_seed(args.seed)
-    # consistency models (ECT and iCT too) use the boundary-condition scalings; progdist students are EDM denoisers
-    distillation = args.training_mode != "progdist"
-    model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
+    # the mode's row: consistency models sample with the boundary-condition scalings (progdist students are
+    # EDM denoisers); ECT trains with EDM's scalings, as its ECMPrecond in train mode
+    row = precond_row(args.training_mode)
+    model_kwargs = model_and_diffusion_kwargs(args, distillation=row["sample_scalings"] == "boundary")
+    model_kwargs["train_scalings"] = row["train_scalings"]
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
@@ -128,7 +130,7 @@ def main(argv=None):
 
     teacher_model = teacher_diffusion = None
     if args.teacher_model_path:
-        teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
+        teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False, train_scalings=None)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
         load_network_weights(teacher_model, args.teacher_model_path, teacher_file, "teacher_model_path")
         teacher_model.to(dist_util.dev())

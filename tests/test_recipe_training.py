@@ -123,7 +123,7 @@ def test_ect_run_starts_from_init_from_applies_the_preset_and_logs(data_dir, edm
     proc = script(*flags.split(), log_dir=log_dir)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "ect preset: dropout=0.2, ema_rate=0.9999, lr=0.0001, random_flip=False" in out  # batch, steps given
+    assert "ect preset: dropout=0.2, ema_rate=0.9999, lr=0.0001, random_flip=False, sigma_min=0.003" in out  # batch, steps given
     header = (log_dir / "progress.csv").read_text().splitlines()[0].split(",")
     assert {"stage", "t_mean", "r_over_t", "r_zero", "loss_q1"} <= set(header)
     assert files(log_dir, 2) == ["ema_0.9999_000002.pt", "model000002.pt", "opt000002.pt"]
@@ -176,7 +176,7 @@ def test_presets_fill_only_flags_not_given_and_leave_other_modes_alone():
 
     ect = resolved(["--training_mode", "ect", "--lr=3e-5", "--global_batch", "64"])  # --k=v and an abbreviation
     assert (ect.lr, ect.global_batch_size, ect.dropout, ect.ema_rate) == (3e-5, 64, 0.2, "0.9999")
-    assert (ect.total_training_steps, ect.ect_double, ect.huber_c) == (100000, 25000, 0.0)
+    assert (ect.total_training_steps, ect.ect_double, ect.huber_c, ect.sigma_min) == (200000, 25000, 0.0, 0.003)
     assert ect.random_flip is False and resolved(["--training_mode", "ect", "--random_flip", "True"]).random_flip
     ict = resolved(["--training_mode", "ict", "--image_size", "32"])
     assert (ict.dropout, ict.ema_rate, ict.global_batch_size, ict.start_scales, ict.end_scales) == (
