@@ -92,6 +92,21 @@ def check_recipe_args(args):
         raise UsageError(f"--huber_c must be non-negative, got {args.huber_c}")
 
 
+AUGMENT_WEIGHT = "map_augment.weight"
+
+
+def without_augment_map(args):
+    """ect/ict feed no augmentation labels, so a ``map_augment`` layer would get no gradient (and DDP, which
+    runs with find_unused_parameters off, stops at step 1): build the network without it, as ECT does when
+    augmentation is off. Sets ``args.augment_dim`` to 0; returns the log line, or None when nothing changed."""
+    if args.training_mode not in RECIPE_MODES or not args.augment_dim:
+        return None
+    note = (f"--init_from {args.init_from or 'none'}: augment_dim {args.augment_dim}, but this run has no "
+            f"augmentation; the network is built without map_augment (its {AUGMENT_WEIGHT} is left out)")
+    args.augment_dim = 0
+    return note
+
+
 def load_init_weights(model, path, network=None):
     """Load ``--init_from`` into ``model``; '' or 'none' keeps its (random) weights.
 
@@ -103,4 +118,5 @@ def load_init_weights(model, path, network=None):
     """
     if path in ("", "none"):
         return
-    load_network_weights(model, path, network, "init_from")
+    leave_out = (AUGMENT_WEIGHT,) if getattr(model, "map_augment", None) is None else ()
+    load_network_weights(model, path, network, "init_from", leave_out=leave_out)

@@ -9,6 +9,7 @@ naming it; the run goes on (the user may mean it).
 
 import json
 import os
+import re
 import subprocess
 import warnings
 
@@ -86,12 +87,15 @@ def metadata_bytes(step, flags, world_size):
     return (json.dumps(meta, sort_keys=True, indent=2, default=str) + "\n").encode()
 
 
+_SET_FILE = re.compile(r"^(?:model|target_model|teacher_model|ema_[^_]+_)(\d{6,})\.pt$")
+
+
 def read_metadata(model_path):
-    """The metadata beside ``.../modelNNNNNN.pt``, or None when absent or unreadable."""
-    name = os.path.basename(model_path)
-    if not (name.startswith("model") and name.endswith(".pt")):
+    """The metadata beside ``.../modelNNNNNN.pt`` (or an EMA/target file of that set), or None when absent."""
+    match = _SET_FILE.match(os.path.basename(str(model_path)))
+    if match is None:
         return None
-    path = os.path.join(os.path.dirname(model_path), "meta" + name[len("model") : -len(".pt")] + ".json")
+    path = os.path.join(os.path.dirname(str(model_path)), f"meta{match.group(1)}.json")
     try:
         with open(path) as f:
             meta = json.load(f)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint, dist_util
+from . import checkpoint, dist_util, run_metadata
 from .checkpoint import CheckpointError
 from .cli import OneLineArgumentParser, UsageError
 from .fileio import write_atomic
@@ -45,6 +45,7 @@ from .fp16_util import resolve_use_fp16
 from .precision import add_speed_flags, prepare_from_args
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
+from .recipes import precond_row
 from .script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -70,7 +71,13 @@ SAMPLE_HELP = {
     "sigmas": "comma list of descending noise levels for --sampler multistep instead of --ts, e.g. 80,0.821 "
     "(ECT/iCT two-step); each in [sigma_min, sigma_max], one network call each",
     "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training/ect/ict use "
-    "the consistency-model scalings, edm/progdist the EDM ones",
+    "the consistency-model scalings, edm/progdist the EDM ones; ect also ECT's few-step sampler for --sigmas "
+    "(no clamp in between, x + σ·z)",
+    "sigma_min": "smallest noise level σ_min, where the consistency models' boundary condition sits (default: the "
+    "run's own, from the metaNNNNNN.json beside --model_path; else 0.003 for ect, 0.002 otherwise)",
+    "quantize": "uint8 conversion of the samples: truncate ((x+1)·127.5 cut down, the original's) or round "
+    "(x·127.5+128 cut down, EDM's and ECT's FID pipelines); empty: round for --training_mode ect and EDM/ECT .pkl "
+    "files, truncate otherwise",
 }
 
 
@@ -178,6 +185,35 @@ def check_sample_args(args):
 def uses_distillation(training_mode):
     """True for the consistency modes, whose models use the boundary-condition scalings."""
     return training_mode in CONSISTENCY_MODES
+
+
+def resolve_sampling(args, network=None):
+    """Settle σ_min and ``--quantize`` from the model's row; returns (fewstep, [log lines]).
+
+    σ_min, when not given: the run's own (the ``metaNNNNNN.json`` of an
+    ``ema_*``/``model*`` file of the same training mode), else the row's (0.003
+    for ECT, whose networks have it; 0.002 otherwise). A self-describing file
+    has set it already. ``--quantize`` empty: the row's (round for ECT), round
+    for any EDM/ECT ``.pkl`` (as their FID pipelines), else truncate (the original).
+    """
+    row = precond_row(args.training_mode)
+    notes = []
+    default_min = model_and_diffusion_defaults()["sigma_min"]
+    if network is None and args.sigma_min == default_min:
+        meta = run_metadata.read_metadata(args.model_path) or {}
+        flags = meta.get("flags") or {}
+        if flags.get("training_mode") == args.training_mode and "sigma_min" in flags:
+            args.sigma_min = float(flags["sigma_min"])
+            notes.append(f"sigma_min {args.sigma_min} from the run's metadata beside {args.model_path}")
+        elif row["sigma_min"] != default_min:
+            args.sigma_min = row["sigma_min"]
+            notes.append(f"sigma_min {args.sigma_min}: the {args.training_mode} default")
+    if not args.quantize:
+        from_pkl = network is not None and network[1].get("precond") is not None
+        args.quantize = "round" if from_pkl or row["quantize"] == "round" else "truncate"
+    if args.quantize not in QUANTIZE:
+        raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {args.quantize!r}")
+    return row["fewstep"], notes
 
 
 # ----------------------------------------------------------------------------

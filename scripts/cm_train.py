@@ -31,6 +31,7 @@ from cm.recipe_flags import (
     explicit_flags,
     load_init_weights,
     recipe_flag_defaults,
+    without_augment_map,
 )
 from cm.recipes import precond_row, recipe_ema_and_scales_fn
 from cm.script_util import (
@@ -97,6 +98,7 @@ def main(argv=None):
     init_file = None
     if args.training_mode in RECIPE_MODES and args.init_from != "none":
         init_file = adopt_network_flags(args, "init_from", model_and_diffusion_defaults())
+    augment_note = without_augment_map(args)
     if args.training_mode in RECIPE_MODES:
         ema_scale_fn = recipe_ema_and_scales_fn(
             args.training_mode, args.total_training_steps, args.start_scales, args.end_scales, args.ect_double
@@ -190,8 +192,9 @@ def main(argv=None):
 
     logger.configure(dir=log_dir)
     logger.save_args({**vars(args), "logging_dir": logger.get_dir()})
-    if batch_note:
-        logger.log(batch_note)
+    for note in (batch_note, augment_note):
+        if note:
+            logger.log(note)
     if preset:
         logger.log(f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset))
     logger.log(

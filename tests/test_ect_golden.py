@@ -20,6 +20,7 @@ from cm.precond import c_noise, scalings
 from cm.sample_util import to_uint8
 from cm.samplers import sample_ect_fewstep
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from golden import decode_weights
 
 DATA = Path(__file__).resolve().parent / "data" / "ect"
 NETS = ("ddpmpp_cond", "ncsnpp_uncond_aug9")
@@ -29,18 +30,10 @@ FLAGS = {  # the cases.json networks as our flags
 }
 
 
-def decode_weights(blob):
-    """The README's int4 decoder (4-bit codes, offset + q·step), ``model.`` prefix stripped."""
-    p = blob["packed"].to(torch.int16)
-    codes = torch.stack([p & 15, p >> 4], dim=1).reshape(-1) - 7
-    sd = {}
-    for e in blob["index"]:
-        n = 1
-        for s in e["shape"]:
-            n *= s
-        q = codes[2 * e["start"]: 2 * e["start"] + n].to(torch.float32)
-        sd[e["key"]] = (e["offset"] + q * e["step"]).reshape(e["shape"])
-    sd.update(blob["fixed_buffers"])
+def ect_weights(name):
+    """The golden state_dict (the README's int4 decoder + fixed buffers), ``model.`` prefix stripped."""
+    blob = torch.load(DATA / f"weights_{name}.pt", weights_only=True)
+    sd = dict(decode_weights(blob), **blob["fixed_buffers"])
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
@@ -57,7 +50,7 @@ def ect_net(name):
               sigma_min=row["sigma_min"], distillation=row["sample_scalings"] == "boundary",
               train_scalings=row["train_scalings"], **FLAGS[name])
     model, diffusion = create_model_and_diffusion(**kw)
-    model.load_state_dict(decode_weights(torch.load(DATA / f"weights_{name}.pt", weights_only=True)), strict=True)
+    model.load_state_dict(ect_weights(name), strict=True)
     return model, diffusion
 
 
