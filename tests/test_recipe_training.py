@@ -204,6 +204,8 @@ def test_ect_starts_from_an_edm_pkl_whose_flags_it_adopts(tmp_path, capsys, monk
         logger.reset()  # the in-process run configured the logger: later tests must not write to its files
     tuned = torch.load(tmp_path / "ect" / "model000001.pt", weights_only=True)
     source, _ = load_edm_pickle(pkl)
-    assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())  # lr 0: still the EDM weights
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith("map_augment.")}
+    assert tuned.keys() == kept.keys()  # the file's augment_dim 9: built without map_augment (no augmentation)
+    assert all(torch.equal(tuned[k], v) for k, v in kept.items())  # lr 0: still the EDM weights
     assert run_cli(load_script("cm_train").main, (argv + " --num_channels 64").split()) == 1
     assert "--num_channels 64 contradicts --init_from" in capsys.readouterr().err
