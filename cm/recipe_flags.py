@@ -20,7 +20,8 @@ def recipe_flag_defaults():
 RECIPE_FLAG_HELP = {
     "init_from": "initial weights for ect/ict: our .pt (a model file of any run whose network flags you repeat), "
     "an EDM/ECT .pkl (sets the network flags), or 'none' for random weights; ect requires it",
-    "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
+    "ect_double": "ECT: optimiser steps per stage; t − r shrinks q-fold every stage (ECT's --double counts ticks "
+    "of 12.8 kimg = 100 steps at batch 128: its 250 is 25000 here; its 1-hour run's 10000 is 1000000)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
     "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
     "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",

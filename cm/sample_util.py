@@ -208,6 +208,8 @@ def resolve_sampling(args, network=None):
         elif row["sigma_min"] != default_min:
             args.sigma_min = row["sigma_min"]
             notes.append(f"sigma_min {args.sigma_min}: the {args.training_mode} default")
+    if not hasattr(args, "quantize"):  # a script without uint8 files of its own (image_edit.py rounds)
+        return row["fewstep"], notes
     if not args.quantize:
         from_pkl = network is not None and network[1].get("precond") is not None
         args.quantize = "round" if from_pkl or row["quantize"] == "round" else "truncate"

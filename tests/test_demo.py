@@ -91,6 +91,21 @@ def test_sampler_evaluation_counts():
                        ("ict_twostep", 2, "ict")]
 
 
+def test_recipe_stages_get_cd_training_compute_in_counted_passes():
+    from cm.tools import demo_recipes as dr
+
+    cfg = demo.DemoConfig()
+    assert dr.CD_PASSES_PER_IMAGE == 6 and dr.cd_budget(cfg) == 6 * 32 * 800
+    for stage in dr.RECIPE_STAGES:
+        steps = dr.budget_steps(stage, cfg)
+        assert stage.passes_per_image == 4 and steps == 1200  # 2 forwards + 1 backward (= 2 forwards) per image
+        argv = dr.stage_train_argv(stage, cfg, "d", "l", "t.pt")
+        assert f"--total_training_steps={steps}" in argv and f"--save_interval={steps}" in argv
+    twice = dataclasses.replace(cfg, cd_steps=1600, recipe_batch_size=64)  # the rule scales, it is not a table
+    assert [dr.budget_steps(stage, twice) for stage in dr.RECIPE_STAGES] == [1200, 1200]
+    assert dr.budget_steps(dr.ECT, dataclasses.replace(cfg, recipe_steps=7)) == 7
+
+
 # ----------------------------------------------------------------------------
 # the quick run, end to end
 
@@ -139,8 +154,8 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    for mode in ("ect", "ict"):  # the quick preset runs its steps (no time limit)
-        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000003.pt").is_file()
+    for mode in ("ect", "ict"):  # CD's 4 steps × 8 images × 6 passes = 6 steps × 8 images × 4 passes
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000006.pt").is_file()
     for log in ("edm_train", "cm_train", "ect_train", "ict_train", *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
@@ -167,7 +182,7 @@ def test_quick_run_results_json(quick_run):
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
     assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 3, "ict": 3}
+    assert results["recipe_steps"] == {"ect": 6, "ict": 6}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
