@@ -227,6 +227,7 @@ def sample_argv(cfg, model_path, log_dir, training_mode, sampler_flags):
         f"--batch_size={cfg.sample_batch_size}",
         "--class_labels=" + ",".join(str(c) for c in range(NUM_CLASSES)),
         f"--seed={cfg.seed}",
+        "--quantize=round",  # every row judged on the same uint8 conversion (truncation darkens by half a level)
     ]
 
 
