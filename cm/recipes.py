@@ -22,7 +22,11 @@ about a mode, so neither ever compares a mode name:
   student becomes the teacher, optimiser and EMAs restart);
 - ``train_scalings`` / ``sample_scalings``: "edm" (c_skip, c_out of EDM) or
   "boundary" (the consistency models' boundary-condition scalings, f(x, σ_min)
-  = x; the original's ``distillation=True``);
+  = x; the original's ``distillation=True``); ``sigma_min`` (where a new run's
+  boundary condition sits, stored in its metadata for the sampler),
+  ``fewstep`` (what ``--sigmas`` samples: "cm", CM's Alg. 1, or "ect", ECT's
+  generator) and ``quantize`` (the uint8 of its samples: "truncate", the
+  original's, or "round", EDM's and ECT's);
 - ``presets(args)``: its paper's values for the flags the user did not give;
   ``flags``: the cm_train.py flags only it (or a few rows) uses: giving one to
   another mode is an error; ``loss_options``: the flags its loss reads;
