@@ -104,6 +104,30 @@ def read_metadata(model_path):
     return meta if isinstance(meta, dict) else None
 
 
+# flags a resumed run takes from its checkpoint's metadata unless given again: they describe the
+# network the checkpoint holds (σ_min: where a consistency model's boundary condition sits)
+KEPT_ON_RESUME = ("sigma_min",)
+
+
+def keep_resumed_flags(args, explicit, logging_dir):
+    """Set `KEPT_ON_RESUME` flags not in ``explicit`` from the metadata of the checkpoint resumed.
+
+    ``args.resume_checkpoint``: a model file, or "auto" (the newest model file in
+    ``logging_dir``). Returns the log line, or None when nothing changed.
+    """
+    from .checkpoint import find_latest_checkpoint
+
+    path = args.resume_checkpoint
+    if path == "auto":
+        path = find_latest_checkpoint(logging_dir)
+    meta = read_metadata(path) if path else None
+    flags = (meta or {}).get("flags") or {}
+    kept = [k for k in KEPT_ON_RESUME if k not in explicit and k in flags and flags[k] != getattr(args, k)]
+    for k in kept:
+        setattr(args, k, type(getattr(args, k))(flags[k]))
+    return ", ".join(f"--{k} {getattr(args, k)}" for k in kept) + f" from {path}'s metadata" if kept else None
+
+
 def changed_flags(saved, current):
     """[(flag, saved value, current value)] for FLAGS_THAT_MATTER present in both and different."""
     out = []

@@ -31,6 +31,7 @@ from cm.recipe_flags import (
     without_augment_map,
 )
 from cm.recipes import get_recipe
+from cm.run_metadata import keep_resumed_flags
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -71,6 +72,8 @@ def main(argv=None):
     explicit = explicit_flags(parser, argv)
     preset = apply_recipe_preset(args, explicit)
     check_recipe_args(args, explicit)
+    log_dir_flag = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
+    kept_note = keep_resumed_flags(args, explicit, log_dir_flag)  # a resumed run keeps its σ_min
     resolve_speed_args(args)
     if args.schedule_sampler != "uniform":
         raise ValueError(
@@ -126,7 +129,7 @@ def main(argv=None):
         **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )
     preset_note = preset and f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset)
-    return start_run(loop, args, log_dir, [batch_note, preset_note, augment_note], args.training_mode)
+    return start_run(loop, args, log_dir, [batch_note, preset_note, augment_note, kept_note], args.training_mode)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -209,3 +209,35 @@ def test_ect_starts_from_an_edm_pkl_whose_flags_it_adopts(tmp_path, capsys, monk
     assert all(torch.equal(tuned[k], v) for k, v in kept.items())  # lr 0: still the EDM weights
     assert run_cli(load_script("cm_train").main, (argv + " --num_channels 64").split()) == 1
     assert "--num_channels 64 contradicts --init_from" in capsys.readouterr().err
+
+
+def test_ect_run_stores_its_sigma_min_and_a_resume_keeps_it(tmp_path, capsys, monkeypatch):
+    """σ_min (0.003 for ECT) rides in metaNNNNNN.json: a resume without --sigma_min keeps the run's, and
+    image_sample.py's resolution reads it beside an EMA file."""
+    import json
+
+    from cm.cli import run_cli
+    from cm.sample_util import create_argparser, resolve_sampling, sample_flag_defaults
+    from song_helpers import EDM, image_folder, load_script
+
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
+    run = tmp_path / "ect"
+    argv = (f"--training_mode ect --init_from {pkl} --global_batch_size 2 --save_interval 1 "
+            f"--data_dir {image_folder(tmp_path / 'data', 16)} --logging_dir {run}")
+    try:
+        assert run_cli(load_script("cm_train").main, (argv + " --total_training_steps 1").split()) == 0
+        assert json.loads((run / "meta000001.json").read_text())["flags"]["sigma_min"] == 0.003  # ECT's default
+        assert run_cli(load_script("cm_train").main, (argv + " --total_training_steps 2 --sigma_min 0.0025 "
+                                                      "--resume_checkpoint auto").split()) == 0
+        assert json.loads((run / "meta000002.json").read_text())["flags"]["sigma_min"] == 0.0025  # given: taken
+        assert run_cli(load_script("cm_train").main, (argv + " --total_training_steps 3 "
+                                                      "--resume_checkpoint auto").split()) == 0, capsys.readouterr().err
+    finally:
+        logger.reset()
+    assert json.loads((run / "meta000003.json").read_text())["flags"]["sigma_min"] == 0.0025  # kept on resume
+    assert "--sigma_min 0.0025 from" in (run / "log.txt").read_text()
+    args = create_argparser(dict(sample_flag_defaults(), sigmas="", quantize="")).parse_args(
+        ["--training_mode", "ect", "--model_path", str(run / "ema_0.9999_000003.pt")])
+    resolve_sampling(args)
+    assert args.sigma_min == 0.0025
