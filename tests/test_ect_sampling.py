@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cm.cli import UsageError
 from cm.formats.model_files import load_network_file
 from cm.sample_util import create_argparser, resolve_sampling, sample_flag_defaults
-from song_helpers import ROOT, load_script, one_thread  # noqa: F401  (autouse fixture)
+from song_helpers import ROOT, one_thread  # noqa: F401  (autouse fixture)
 from test_edm_pickle import run_script
 from test_edm_pickle_ect import with_prefix
 
