@@ -244,7 +244,7 @@ def _ict_presets(args):
     )
 
 
-SCALINGS = ("edm", "boundary")
+from .precond import SCALINGS  # noqa: E402,F401  ("edm", "boundary": one home, cm.precond)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ def test_image_sample_samples_an_ect_training_snapshot(tmp_path, capsys):
     assert "sigma_min 0.003, ECT few-step, uint8 by round" in log
     rounded = np.load(tmp_path / "r" / "samples_4x16x16x3.npz")
     assert rounded["arr_0"].shape == (4, 16, 16, 3) and rounded["arr_1"].shape == (4,)
+    rc, err = run_script("image_sample", f"--model_path {pkl} {TWO_STEP} --batch_size 3 --logging_dir {tmp_path / 'b'}",
+                         capsys)
+    assert rc == 0, err  # ECT's few-step sampler keeps sample k's noise whatever the batch size
+    assert np.array_equal(np.load(tmp_path / "b" / "samples_4x16x16x3.npz")["arr_0"], rounded["arr_0"])
     rc, err = run_script("image_sample", f"--model_path {pkl} {TWO_STEP} --quantize truncate "
                          f"--logging_dir {tmp_path / 't'}", capsys)
     assert rc == 0, err
