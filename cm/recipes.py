@@ -55,6 +55,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .precond import SCALINGS  # noqa: F401  ("edm", "boundary": the row's scalings names)
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, create_ema_and_scales_fn, karras_sigma
 
 P_MEAN, P_STD = -1.1, 2.0  # log-normal of both recipes
@@ -244,7 +245,6 @@ def _ict_presets(args):
     )
 
 
-from .precond import SCALINGS  # noqa: E402,F401  ("edm", "boundary": one home, cm.precond)
 
 
 @dataclass(frozen=True)
