@@ -43,9 +43,11 @@ from .schedules import get_sigmas_karras, karras_sigma
 class KarrasDenoiser:
     """EDM / consistency-model denoiser with its training losses.
 
-    :param distillation: use the consistency-model (boundary-condition)
-        scalings instead of EDM's (in sampling, and in training unless
-        ``train_scalings`` says otherwise).
+    :param distillation: use the boundary-condition scalings (c_skip(σ_min) = 1,
+        c_out(σ_min) = 0: every consistency model, also CT, iCT and ECT,
+        which distil nothing) instead of EDM's, in sampling, and in training
+        unless ``train_scalings`` says otherwise; the original's name, read as
+        `boundary_scalings`.
     :param train_scalings: "edm" or "boundary" for the training losses; None:
         the same as sampling. ECT trains with "edm" and samples with the
         boundary condition (its ``ECMPrecond`` switches in eval mode).
@@ -87,6 +89,11 @@ class KarrasDenoiser:
         self._lpips = None
 
     # --- scalings ---------------------------------------------------------
+    @property
+    def boundary_scalings(self):
+        """True: the consistency models' boundary-condition scalings; False: EDM's."""
+        return self.distillation
+
     def get_snr(self, sigmas):
         return snr(sigmas)
 
@@ -102,7 +109,7 @@ class KarrasDenoiser:
     @property
     def sample_scalings(self):
         """"boundary" (consistency models) or "edm": the scalings of `denoise`."""
-        return "boundary" if self.distillation else "edm"
+        return "boundary" if self.boundary_scalings else "edm"
 
     @property
     def training_scalings(self):

@@ -21,7 +21,8 @@ pytest.importorskip("sklearn")
 from cm.tools import demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep")
+SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep",
+            "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep")
 
 
 # ----------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def test_sampler_evaluation_counts():
     assert [(name, nfe) for name, _, nfe, _, _ in demo.samplers(cfg)] == [("heun", 35), ("onestep", 1), ("twostep", 2)]
     recipes = [(name, nfe, mode) for name, _, nfe, mode, _ in demo.recipe_samplers(cfg)]
     assert recipes == [("ect_onestep", 1, "ect"), ("ect_twostep", 2, "ect"), ("ict_onestep", 1, "ict"),
-                       ("ict_twostep", 2, "ict")]
+                       ("ict_twostep", 2, "ict"), ("dmd2_onestep", 1, "dmd2"), ("dmd2_twostep", 2, "dmd2"),
+                       ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2")]
 
 
 def test_recipe_stages_get_cd_training_compute_in_counted_passes():
@@ -96,13 +98,16 @@ def test_recipe_stages_get_cd_training_compute_in_counted_passes():
 
     cfg = demo.DemoConfig()
     assert dr.CD_PASSES_PER_IMAGE == 6 and dr.cd_budget(cfg) == 6 * 32 * 800
-    for stage in dr.RECIPE_STAGES:
+    for stage in (dr.ECT, dr.ICT):
         steps = dr.budget_steps(stage, cfg)
         assert stage.passes_per_image == 4 and steps == 1200  # 2 forwards + 1 backward (= 2 forwards) per image
         argv = dr.stage_train_argv(stage, cfg, "d", "l", "t.pt")
         assert f"--total_training_steps={steps}" in argv and f"--save_interval={steps}" in argv
     twice = dataclasses.replace(cfg, cd_steps=1600, recipe_batch_size=64)  # the rule scales, it is not a table
-    assert [dr.budget_steps(stage, twice) for stage in dr.RECIPE_STAGES] == [1200, 1200]
+    assert [dr.budget_steps(stage, twice) for stage in (dr.ECT, dr.ICT)] == [1200, 1200]
+    # DMD2 at R = 5: generator turn 5 (+3 with the GAN), 5 critic updates of 3 (+6), 4 fresh G forwards
+    assert (dr.dmd2_passes(5, gan=False), dr.dmd2_passes(5, gan=True)) == (24, 57)
+    assert (dr.budget_steps(dr.DMD2, cfg), dr.budget_steps(dr.DMD2_GAN, cfg)) == (200, 84)
     assert dr.budget_steps(dr.ECT, dataclasses.replace(cfg, recipe_steps=7)) == 7
 
 
@@ -154,9 +159,14 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    for mode in ("ect", "ict"):  # CD's 4 steps × 8 images × 6 passes = 6 steps × 8 images × 4 passes
-        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000006.pt").is_file()
-    for log in ("edm_train", "cm_train", "ect_train", "ict_train", *(f"sample_{n}" for n in SAMPLERS)):
+    quick_steps = {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1}  # CD's 4 steps × 8 images × 6 passes, see below
+    for mode in ("ect", "ict"):
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
+    for mode in ("dmd2", "dmd2_gan"):
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
+        assert (out / mode / f"dmd2_critic{quick_steps[mode]:06d}.pt").is_file()
+    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train",
+                *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
 
@@ -164,6 +174,8 @@ def test_quick_run_prints_the_table(quick_run):
     out, stdout, cfg = quick_run
     nfe = {"EDM teacher, Heun": 2 * cfg.heun_steps - 1, "CD, one step": 1, "CD, two steps": 2}
     nfe.update({"ECT, one step": 1, "ECT, two steps": 2, "iCT, one step": 1, "iCT, two steps": 2})
+    nfe.update({"CD + DMD2, one step": 1, "CD + DMD2, two steps": 2, "CD + DMD2 + GAN, one step": 1,
+                "CD + DMD2 + GAN, two steps": 2})
     for label, evaluations in nfe.items():
         row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
         assert len(row) == 1, stdout
@@ -181,15 +193,23 @@ def test_quick_run_results_json(quick_run):
     assert results["config"] == cfg.as_dict()
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
-    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 6, "ict": 6}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    # CD's 4 × 8 × 6 = 192 passes: ECT/iCT 4 per image (6 steps of 8), DMD2 at R = 2: 12 (2 steps), 27 with GAN (1)
+    assert results["recipe_steps"] == {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
-    assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "edit_inpaint",
-                                        "edit_superres"} | {f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train",
+                                        "dmd2_gan_train", "edit_inpaint", "edit_superres"} | {
+        f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    for key in ("dmd2_train", "dmd2_gan_train"):  # the CD model tuned, the teacher as the real score
+        cmd = results["commands"][key]
+        assert any(a.startswith("--init_from=") and "/cd/" in a for a in cmd)
+        assert any(a.startswith("--teacher_model_path=") and "/edm/" in a for a in cmd)
+    assert "--dmd_gan=True" in results["commands"]["dmd2_gan_train"]
+    assert "--dmd_gan=True" not in results["commands"]["dmd2_train"]
     assert "--init_from=none" in results["commands"]["ict_train"]
     assert any(a.startswith("--init_from=") and a.endswith(".pt") for a in results["commands"]["ect_train"])
     assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"

@@ -102,14 +102,20 @@ class DemoConfig:
     start_scales: int = 18
     start_ema: float = 0.95
     loss_norm: str = "l2"
-    # ECT (tuned from the teacher) and iCT (from scratch): the CD stage's training compute each
-    recipe_steps: int = 0  # 0: from the compute budget (1200 steps each at these sizes); > 0: this many
+    # every recipe stage (cm/tools/demo_recipes.py) gets the CD stage's training compute in counted passes
+    recipe_steps: int = 0  # 0: from that budget (ECT, iCT 1200; DMD2 200, with GAN 84 at these sizes); > 0: this many
+    # ECT (tuned from the teacher) and iCT (from scratch)
     ect_lr: float = 2e-4
     ect_double: int = 400  # three whole stages in the budget's 1200 steps (ECT: 8 stages in 200k steps)
     ect_dropout: float = 0.2  # ECT's CIFAR-10 value; the teacher trained without
     ect_huber_c: float = 0.1  # pseudo-Huber c (ECT's CIFAR-10 run: 0)
     ect_p_mean: float = -0.2  # mean of ln t (ECT: -1.1): more of the 1200 steps at the noise levels one step starts from
     ict_lr: float = 1e-3
+    # DMD2 (cm/dmd2.py) tuning the CD model, the teacher as the real score, with and without the GAN head
+    dmd2_lr: float = 5e-5  # generator and fake score; untuned (DMD2 on CIFAR-10: 2e-6, the demo CD: 2e-4)
+    dmd2_ratio: int = 5  # fake-score updates per generator update
+    dmd2_warmup: int = 50  # lr warm-up iterations (DMD2: 500)
+    dmd2_gan_max_step: int = 20  # diffusion-GAN noise levels: the lower 20 of the 40-point grid
     recipe_batch_size: int = 32
     recipe_ema_rate: float = 0.99
     two_step_sigmas: str = "80,0.821"
@@ -147,6 +153,8 @@ def quick_config():
         cd_batch_size=8,
         start_scales=8,
         ect_double=1,
+        dmd2_ratio=2,
+        dmd2_warmup=0,
         recipe_batch_size=8,
         num_samples=20,
         sample_batch_size=20,
@@ -333,7 +341,8 @@ def train_recipes(out, cfg, data_dir, starts, logs, commands, timings):
     """
     jobs = []
     for stage in RECIPE_STAGES:
-        argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start))
+        argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start),
+                                starts.get("teacher"))
         commands[f"{stage.key}_train"] = ["python", "scripts/cm_train.py", *argv]
         jobs.append((stage.key, "cm_train.py", argv, os.path.join(logs, f"{stage.key}_train.log")))
     tqdm.write(f"recipes at CD's training compute ({cd_budget(cfg)} forward-pass equivalents): " + ", ".join(

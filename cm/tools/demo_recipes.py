@@ -38,9 +38,10 @@ class RecipeStage:
     mode: str  # --training_mode of cm_train.py (and of image_sample.py)
     label: str  # table label prefix
     start: str  # one of STARTS
-    passes_per_image: int  # forward-pass equivalents per training image per step (see the budget rule above)
+    passes_per_image: object  # forward-pass equivalents per training image per step, or cfg -> that (see above)
     flags: Callable  # cfg -> the stage's own cm_train.py flags (lr, recipe flags)
     dropout: Callable = lambda cfg: 0.0  # cfg -> --dropout
+    teacher: bool = False  # also pass the EDM teacher's EMA file as --teacher_model_path (DMD2's real score)
     two_step: Callable = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.two_step_sigmas}"]
 
     def __post_init__(self):
@@ -69,7 +70,8 @@ def budget_steps(stage, cfg):
     """Steps of ``stage`` at CD's compute (rounded; at least 1), or ``cfg.recipe_steps`` when that is set."""
     if cfg.recipe_steps > 0:
         return cfg.recipe_steps
-    return max(1, round(cd_budget(cfg) / (stage.passes_per_image * cfg.recipe_batch_size)))
+    per_image = stage.passes_per_image(cfg) if callable(stage.passes_per_image) else stage.passes_per_image
+    return max(1, round(cd_budget(cfg) / (per_image * cfg.recipe_batch_size)))
 
 
 ECT = RecipeStage(
@@ -96,13 +98,68 @@ ICT = RecipeStage(
     flags=lambda cfg: [f"--lr={cfg.ict_lr}"],
 )
 
-RECIPE_STAGES = (ECT, ICT)
 
 
-def stage_train_argv(stage, cfg, data_dir, log_dir, start_path):
-    """cm_train.py flags of ``stage``; ``start_path`` is the file its weights start from (unused for 'none')."""
+def _dmd2_flags(gan):
+    def flags(cfg):
+        out = [
+            f"--lr={cfg.dmd2_lr}",
+            f"--fake_lr={cfg.dmd2_lr}",
+            f"--dfake_gen_update_ratio={cfg.dmd2_ratio}",
+            f"--lr_warmup_steps={cfg.dmd2_warmup}",
+        ]
+        return out + (["--dmd_gan=True", f"--gan_max_step={cfg.dmd2_gan_max_step}"] if gan else [])
+
+    return flags
+
+
+def dmd2_passes(ratio, gan):
+    """DMD2's passes per image of one loop step: one generator update and ``ratio`` critic updates.
+
+    Generator turn: G forward + backward, real and fake score forwards (no grad); with the GAN
+    (bottleneck head) the fake score also runs on noised x_g with a backward to x_g. Each critic
+    update: the fake score's denoising loss, forward + backward (the GAN adds real and generated
+    images through the fake score, forward + backward each); updates after the first draw a fresh
+    one-step batch (one G forward, no grad).
+    """
+    generator_turn = passes(forward=3, backward=1) + (passes(forward=1, backward=1) if gan else 0)
+    critic_update = passes(forward=1, backward=1) + (passes(forward=2, backward=2) if gan else 0)
+    return generator_turn + ratio * critic_update + (ratio - 1) * passes(forward=1, backward=0)
+
+
+# DMD2 tunes the distilled CD model, the EDM teacher as the real score (with and without the GAN head)
+DMD2 = RecipeStage(
+    key="dmd2",
+    mode="dmd2",
+    label="CD + DMD2",
+    start="student",
+    passes_per_image=lambda cfg: dmd2_passes(cfg.dmd2_ratio, gan=False),
+    flags=_dmd2_flags(gan=False),
+    teacher=True,
+)
+
+DMD2_GAN = RecipeStage(
+    key="dmd2_gan",
+    mode="dmd2",
+    label="CD + DMD2 + GAN",
+    start="student",
+    passes_per_image=lambda cfg: dmd2_passes(cfg.dmd2_ratio, gan=True),
+    flags=_dmd2_flags(gan=True),
+    teacher=True,
+)
+
+RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN)
+
+
+def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=None):
+    """cm_train.py flags of ``stage``; ``start_path`` is the file its weights start from (unused for 'none').
+
+    ``teacher_path``: the EDM teacher's file, passed when the stage has ``teacher``.
+    """
     steps = budget_steps(stage, cfg)  # also iCT's K of its N(k) doubling schedule
     init = ["--init_from=none"] if stage.start == "none" else [f"--init_from={start_path}"]
+    if stage.teacher:
+        init.append(f"--teacher_model_path={teacher_path}")
     return [
         f"--training_mode={stage.mode}",
         f"--data_dir={data_dir}",
