@@ -24,7 +24,8 @@ def recipe_flag_defaults():
 RECIPE_FLAG_HELP = {
     "init_from": "initial weights for ect/ict: our .pt (a model file of any run whose network flags you repeat), "
     "an EDM/ECT .pkl (sets the network flags), or 'none' for random weights; ect requires it",
-    "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
+    "ect_double": "ECT: optimiser steps per stage; t − r shrinks q-fold every stage (ECT's --double counts ticks "
+    "of 12.8 kimg = 100 steps at batch 128: its 250 is 25000 here; its 1-hour run's 10000 is 1000000)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
     "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
     "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
@@ -96,6 +97,22 @@ def check_recipe_args(args, explicit):
             raise UsageError(str(e)) from None
 
 
+AUGMENT_WEIGHT = "map_augment.weight"
+
+
+def without_augment_map(args):
+    """A run that starts from --init_from (ect, ict, dmd2) feeds no augmentation labels, so a ``map_augment``
+    layer would get no gradient (and DDP, which runs with find_unused_parameters off, stops at step 1): build
+    the network without it, as ECT does when augmentation is off. Sets ``args.augment_dim`` to 0; returns the
+    log line, or None when nothing changed."""
+    if get_recipe(args.training_mode).init_from == "unused" or not args.augment_dim:
+        return None
+    note = (f"--init_from {args.init_from or 'none'}: augment_dim {args.augment_dim}, but this run has no "
+            f"augmentation; the network is built without map_augment (its {AUGMENT_WEIGHT} is left out)")
+    args.augment_dim = 0
+    return note
+
+
 def load_init_weights(model, path, network=None):
     """Load ``--init_from`` into ``model``; '' or 'none' keeps its (random) weights.
 
@@ -107,4 +124,5 @@ def load_init_weights(model, path, network=None):
     """
     if path in ("", "none"):
         return
-    load_network_weights(model, path, network, "init_from")
+    leave_out = (AUGMENT_WEIGHT,) if getattr(model, "map_augment", None) is None else ()
+    load_network_weights(model, path, network, "init_from", leave_out=leave_out)

@@ -22,7 +22,11 @@ about a mode, so neither ever compares a mode name:
   student becomes the teacher, optimiser and EMAs restart);
 - ``train_scalings`` / ``sample_scalings``: "edm" (c_skip, c_out of EDM) or
   "boundary" (the consistency models' boundary-condition scalings, f(x, σ_min)
-  = x; the original's ``distillation=True``);
+  = x; the original's ``distillation=True``); ``sigma_min`` (where a new run's
+  boundary condition sits, stored in its metadata for the sampler),
+  ``fewstep`` (what ``--sigmas`` samples: "cm", CM's Alg. 1, or "ect", ECT's
+  generator) and ``quantize`` (the uint8 of its samples: "truncate", the
+  original's, or "round", EDM's and ECT's);
 - ``presets(args)``: its paper's values for the flags the user did not give;
   ``flags``: the cm_train.py flags only it (or a few rows) uses: giving one to
   another mode is an error; ``loss_options``: the flags its loss reads;
@@ -56,9 +60,13 @@ from typing import Callable, Optional
 
 import torch
 
+from .precond import SCALINGS  # noqa: F401  ("edm", "boundary": the row's scalings names)
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, create_ema_and_scales_fn, karras_sigma
 
 P_MEAN, P_STD = -1.1, 2.0  # log-normal of both recipes
+
+
+ECT_SIGMA_MIN = 0.003  # ECT's ECMPrecond default: its networks' boundary condition sits there
 
 
 # ----------------------------------------------------------------------------
@@ -236,9 +244,11 @@ def _no_presets(args):
 
 
 def _ect_presets(args):
-    # ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation
+    # ECT's CIFAR-10 run (Geng et al. 2024, its run_ecm.sh): 25.6 Mimg = 200k steps at batch 128, RAdam 1e-4,
+    # dropout 0.2, no augmentation; its networks' boundary condition at σ_min 0.003 (ECMPrecond's default)
     return dict(
-        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000, random_flip=False
+        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=200000, random_flip=False,
+        sigma_min=ECT_SIGMA_MIN,
     )
 
 
@@ -250,7 +260,6 @@ def _ict_presets(args):
     )
 
 
-SCALINGS = ("edm", "boundary")
 
 
 @dataclass(frozen=True)
@@ -265,6 +274,9 @@ class Recipe:
     init_from: str = "unused"  # "required" | "optional" | "unused"
     train_scalings: str = "boundary"
     sample_scalings: str = "boundary"
+    sigma_min: float = SIGMA_MIN  # where a new run's (and a file-less sampler's) boundary condition sits
+    fewstep: str = "cm"  # what --sigmas sample: "cm" (CM's Alg. 1) or "ect" (no clamp between, x + σ·z)
+    quantize: str = "truncate"  # uint8 of its samples: "truncate" (the original's) or "round" (EDM's/ECT's FID)
     presets: Callable = _no_presets
     flags: tuple = ()
     loss_options: tuple = ()
@@ -328,8 +340,12 @@ RECIPES = {
             "progdist", _progdist, teacher="required", target="none", train_scalings="edm", sample_scalings="edm",
             teacher_follows_student=True, checkpoint_files=("teacher_model",), **_ORIGINAL_ROW,
         ),
+        # ECT's ECMPrecond trains with EDM's scalings and samples with the boundary condition at σ_min 0.003;
+        # its few-step generator clamps nothing and re-noises with x + σ·z; its FID pipeline rounds
         Recipe(
             "ect", _ect, _ect_schedule, init_from="required", presets=_ect_presets, level_name="stage",
+            train_scalings="edm", sample_scalings="boundary", sigma_min=ECT_SIGMA_MIN, fewstep="ect",
+            quantize="round",
             flags=("init_from", "ect_double", "ect_q", "huber_c", "p_mean", "p_std"),
             loss_options=("huber_c", "ect_q", "p_mean", "p_std"), **_LATER_ROW,
         ),
@@ -354,6 +370,20 @@ def get_recipe(training_mode):
             f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
         )
     return RECIPES[training_mode]
+
+
+# edm_train.py's models (not a row: the consistency loop does not train them)
+EDM_SAMPLING = dict(train_scalings="edm", sample_scalings="edm", sigma_min=SIGMA_MIN, fewstep="cm", quantize="truncate")
+
+
+def precond_row(training_mode):
+    """How a model of ``training_mode`` is called: its row's scalings, σ_min, few-step sampler and uint8
+    conversion as a dict ("edm": EDM's scalings and the original's sampling)."""
+    if training_mode == "edm":
+        return dict(EDM_SAMPLING)
+    r = get_recipe(training_mode)
+    keys = ("train_scalings", "sample_scalings", "sigma_min", "fewstep", "quantize")
+    return {k: getattr(r, k) for k in keys}
 
 
 def samples_with_boundary_scalings(training_mode):

@@ -9,6 +9,7 @@ naming it; the run goes on (the user may mean it).
 
 import json
 import os
+import re
 import subprocess
 import warnings
 
@@ -86,18 +87,45 @@ def metadata_bytes(step, flags, world_size):
     return (json.dumps(meta, sort_keys=True, indent=2, default=str) + "\n").encode()
 
 
+_SET_FILE = re.compile(r"^(?:model|target_model|teacher_model|ema_[^_]+_)(\d{6,})\.pt$")
+
+
 def read_metadata(model_path):
-    """The metadata beside ``.../modelNNNNNN.pt``, or None when absent or unreadable."""
-    name = os.path.basename(model_path)
-    if not (name.startswith("model") and name.endswith(".pt")):
+    """The metadata beside ``.../modelNNNNNN.pt`` (or an EMA/target file of that set), or None when absent."""
+    match = _SET_FILE.match(os.path.basename(str(model_path)))
+    if match is None:
         return None
-    path = os.path.join(os.path.dirname(model_path), "meta" + name[len("model") : -len(".pt")] + ".json")
+    path = os.path.join(os.path.dirname(str(model_path)), f"meta{match.group(1)}.json")
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
+
+
+# flags a resumed run takes from its checkpoint's metadata unless given again: they describe the
+# network the checkpoint holds (σ_min: where a consistency model's boundary condition sits)
+KEPT_ON_RESUME = ("sigma_min",)
+
+
+def keep_resumed_flags(args, explicit, logging_dir):
+    """Set `KEPT_ON_RESUME` flags not in ``explicit`` from the metadata of the checkpoint resumed.
+
+    ``args.resume_checkpoint``: a model file, or "auto" (the newest model file in
+    ``logging_dir``). Returns the log line, or None when nothing changed.
+    """
+    from .checkpoint import find_latest_checkpoint
+
+    path = args.resume_checkpoint
+    if path == "auto":
+        path = find_latest_checkpoint(logging_dir)
+    meta = read_metadata(path) if path else None
+    flags = (meta or {}).get("flags") or {}
+    kept = [k for k in KEPT_ON_RESUME if k not in explicit and k in flags and flags[k] != getattr(args, k)]
+    for k in kept:
+        setattr(args, k, type(getattr(args, k))(flags[k]))
+    return ", ".join(f"--{k} {getattr(args, k)}" for k in kept) + f" from {path}'s metadata" if kept else None
 
 
 def changed_flags(saved, current):

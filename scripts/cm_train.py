@@ -28,8 +28,10 @@ from cm.recipe_flags import (
     explicit_flags,
     load_init_weights,
     recipe_flag_defaults,
+    without_augment_map,
 )
 from cm.recipes import get_recipe
+from cm.run_metadata import keep_resumed_flags
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
@@ -80,6 +82,8 @@ def main(argv=None):
     explicit = explicit_flags(parser, argv)
     preset = apply_recipe_preset(args, explicit)
     check_recipe_args(args, explicit)
+    log_dir_flag = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
+    kept_note = keep_resumed_flags(args, explicit, log_dir_flag)  # a resumed run keeps its σ_min
     resolve_speed_args(args)
     if args.schedule_sampler != "uniform":
         raise ValueError(
@@ -95,11 +99,15 @@ def main(argv=None):
     if row.init_from != "unused" and args.init_from != "none":
         init_file = adopt_network_flags(args, "init_from", model_and_diffusion_defaults())
     check_same_data(teacher_file, init_file)
+    augment_note = without_augment_map(args)
     ema_scale_fn = row.schedule(args)
 
     # Build and check everything before anything is written to the logging dir.
     log_dir, batch_size, batch_note = setup_run(args)
-    model_kwargs = model_and_diffusion_kwargs(args, distillation=row.train_scalings == "boundary")
+    # the row's scalings: sampling's (boundary condition for consistency models), and training's where they
+    # differ (ECT trains with EDM's, as its ECMPrecond in train mode)
+    model_kwargs = model_and_diffusion_kwargs(args, distillation=row.sample_scalings == "boundary")
+    model_kwargs["train_scalings"] = row.train_scalings
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
@@ -108,7 +116,7 @@ def main(argv=None):
 
     teacher_model = teacher_diffusion = None
     if args.teacher_model_path:
-        teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False)
+        teacher_kwargs = dict(model_kwargs, dropout=args.teacher_dropout, distillation=False, train_scalings=None)
         teacher_model, teacher_diffusion = create_model_and_diffusion(**teacher_kwargs)
         load_network_weights(teacher_model, args.teacher_model_path, teacher_file, "teacher_model_path")
         teacher_model.to(dist_util.dev())
@@ -140,7 +148,7 @@ def main(argv=None):
         **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )
     preset_note = preset and f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset)
-    return start_run(loop, args, log_dir, [batch_note, preset_note], args.training_mode)
+    return start_run(loop, args, log_dir, [batch_note, preset_note, augment_note, kept_note], args.training_mode)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -93,6 +93,24 @@ def test_sampler_evaluation_counts():
                        ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2")]
 
 
+def test_recipe_stages_get_cd_training_compute_in_counted_passes():
+    from cm.tools import demo_recipes as dr
+
+    cfg = demo.DemoConfig()
+    assert dr.CD_PASSES_PER_IMAGE == 6 and dr.cd_budget(cfg) == 6 * 32 * 800
+    for stage in (dr.ECT, dr.ICT):
+        steps = dr.budget_steps(stage, cfg)
+        assert stage.passes_per_image == 4 and steps == 1200  # 2 forwards + 1 backward (= 2 forwards) per image
+        argv = dr.stage_train_argv(stage, cfg, "d", "l", "t.pt")
+        assert f"--total_training_steps={steps}" in argv and f"--save_interval={steps}" in argv
+    twice = dataclasses.replace(cfg, cd_steps=1600, recipe_batch_size=64)  # the rule scales, it is not a table
+    assert [dr.budget_steps(stage, twice) for stage in (dr.ECT, dr.ICT)] == [1200, 1200]
+    # DMD2 at R = 5: generator turn 5 (+3 with the GAN), 5 critic updates of 3 (+6), 4 fresh G forwards
+    assert (dr.dmd2_passes(5, gan=False), dr.dmd2_passes(5, gan=True)) == (24, 57)
+    assert (dr.budget_steps(dr.DMD2, cfg), dr.budget_steps(dr.DMD2_GAN, cfg)) == (200, 84)
+    assert dr.budget_steps(dr.ECT, dataclasses.replace(cfg, recipe_steps=7)) == 7
+
+
 # ----------------------------------------------------------------------------
 # the quick run, end to end
 
@@ -141,11 +159,12 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    for mode in ("ect", "ict"):  # the quick preset runs its steps (no time limit)
-        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000003.pt").is_file()
+    quick_steps = {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1}  # CD's 4 steps × 8 images × 6 passes, see below
+    for mode in ("ect", "ict"):
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
     for mode in ("dmd2", "dmd2_gan"):
-        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{cfg.dmd2_steps:06d}.pt").is_file()
-        assert (out / mode / f"dmd2_critic{cfg.dmd2_steps:06d}.pt").is_file()
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
+        assert (out / mode / f"dmd2_critic{quick_steps[mode]:06d}.pt").is_file()
     for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train",
                 *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
@@ -175,7 +194,8 @@ def test_quick_run_results_json(quick_run):
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
     assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 3, "ict": 3, "dmd2": cfg.dmd2_steps, "dmd2_gan": cfg.dmd2_steps}
+    # CD's 4 × 8 × 6 = 192 passes: ECT/iCT 4 per image (6 steps of 8), DMD2 at R = 2: 12 (2 steps), 27 with GAN (1)
+    assert results["recipe_steps"] == {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:

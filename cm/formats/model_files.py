@@ -27,10 +27,15 @@ STRUCTURE_FLAGS = (
 SAMPLING_FLAGS = STRUCTURE_FLAGS + ("training_mode", "sigma_min")
 
 
-def _read_edm_pickle(path, image_size=None):
+def read_edm_network(path, image_size=None):
+    """(model, flags) of an EDM/ECT snapshot; an ECT consistency model (ECMPrecond) is training_mode ect
+    (its row: boundary condition at the file's σ_min, ECT's few-step sampler, rounded uint8)."""
     from .edm_pickle import load_edm_pickle
 
-    return load_edm_pickle(path)
+    model, flags = load_edm_pickle(path)
+    if flags.get("precond") == "ECMPrecond":
+        flags = dict(flags, training_mode="ect")
+    return model, flags
 
 
 def _read_jax_checkpoint(path, image_size=None):
@@ -44,7 +49,7 @@ def _read_jax_checkpoint(path, image_size=None):
         raise UsageError(str(e)) from None
 
 
-READERS = {".pkl": _read_edm_pickle}
+READERS = {".pkl": read_edm_network}
 
 
 def _reader(path):
@@ -114,13 +119,14 @@ def adopt_network_flags(args, flag, defaults, keys=STRUCTURE_FLAGS):
     return model, flags
 
 
-def load_network_weights(model, path, network, flag):
+def load_network_weights(model, path, network, flag, leave_out=()):
     """Load the ``--<flag>`` file ``path`` into ``model``.
 
     ``network`` is what `adopt_network_flags` returned for it: (model, flags) of a
     self-describing file, whose weights are taken; None for a plain checkpoint,
     which is read (missing: one line naming the flag). A state that does not fit
-    ``model`` is a one-line CheckpointError.
+    ``model`` is a one-line CheckpointError. Entries whose names end in one of
+    ``leave_out`` are dropped first (a layer ``model`` was built without).
     """
     if network is not None:
         state = network[0].state_dict()
@@ -129,4 +135,6 @@ def load_network_weights(model, path, network, flag):
             state = read_checkpoint(path)
         except FileNotFoundError:
             raise UsageError(f"--{flag} {path}: no such file") from None
+    if leave_out:
+        state = {k: v for k, v in state.items() if not k.endswith(tuple(leave_out))}
     load_model_state(model, state, f"--{flag} {path}")

@@ -1,8 +1,8 @@
 """End-to-end demo on scikit-learn's 8×8 handwritten digits, a tiny CIFAR-10 stand-in.
 
 The demo runs the whole method with the project's own scripts, on a CPU, in
-under fifteen minutes (ten without the ECT/iCT stage, which adds the CD
-stage's wall time once):
+under fifteen minutes (ten without the ECT/iCT stage, which runs CD's
+training compute, both recipes at once):
 
 1. data: the 1797 digits are split (stratified) into a training and a held-out
    part and written as RGB PNGs named like CIFAR-10 (``<class>_<index>.png``)
@@ -13,10 +13,11 @@ stage's wall time once):
    (subprocess; checkpoints and logs in ``OUT/edm``);
 4. ``scripts/cm_train.py`` distils it with consistency distillation
    (subprocess; ``OUT/cd``), starting from the teacher's EMA weights;
-4b. the later recipes, each for the CD stage's wall time (both at once, one
-   thread each, stopped by SIGTERM when the time is up: the training loop
-   finishes its step and saves): ECT tunes the teacher's EMA weights into a
-   consistency model (``OUT/ect``), iCT trains one from scratch (``OUT/ict``);
+4b. the later recipes, each with the CD stage's training compute (counted
+   network passes, see `cm.tools.demo_recipes`: a fixed step count, the same
+   on every machine; all at once, one thread each; their wall times are
+   recorded): ECT tunes the teacher's EMA weights into a consistency model
+   (``OUT/ect``), iCT trains one from scratch (``OUT/ict``);
 5. ``scripts/image_sample.py`` draws EDM-Heun, one-step CM and two-step CM
    samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main``
    is called in this process so that the wall time covers sampling and not
@@ -71,7 +72,7 @@ from .demo_common import (  # noqa: F401  (judge, classify, ...: the demo's publ
     write_image_folder,
 )
 from .demo_editing import run_editing
-from .demo_recipes import RECIPE_STAGES, stage_samplers, stage_train_argv
+from .demo_recipes import RECIPE_STAGES, budget_steps, cd_budget, stage_samplers, stage_train_argv
 
 # ----------------------------------------------------------------------------
 # Configuration
@@ -101,18 +102,16 @@ class DemoConfig:
     start_scales: int = 18
     start_ema: float = 0.95
     loss_norm: str = "l2"
-    # ECT (tuned from the teacher) and iCT (from scratch): the CD stage's wall time each
-    recipe_budget_s: float = 0.0  # 0: the CD stage's wall time; < 0: no time limit (run the steps)
-    ect_steps: int = 100000  # an upper bound: the time budget stops it first
+    # every recipe stage (cm/tools/demo_recipes.py) gets the CD stage's training compute in counted passes
+    recipe_steps: int = 0  # 0: from that budget (ECT, iCT 1200; DMD2 200, with GAN 84 at these sizes); > 0: this many
+    # ECT (tuned from the teacher) and iCT (from scratch)
     ect_lr: float = 2e-4
-    ect_double: int = 350  # stage 2 from step 700 of the ~850-1000 the budget allows (ECT: 4 stages in 100k steps)
+    ect_double: int = 400  # three whole stages in the budget's 1200 steps (ECT: 8 stages in 200k steps)
     ect_dropout: float = 0.2  # ECT's CIFAR-10 value; the teacher trained without
     ect_huber_c: float = 0.1  # pseudo-Huber c (ECT's CIFAR-10 run: 0)
-    ect_p_mean: float = -0.2  # mean of ln t (ECT: -1.1): more of the ~1000 steps at the noise levels one step starts from
-    ict_steps: int = 2000  # K of iCT's N(k) doubling schedule; the time budget may stop it first
+    ect_p_mean: float = -0.2  # mean of ln t (ECT: -1.1): more of the 1200 steps at the noise levels one step starts from
     ict_lr: float = 1e-3
     # DMD2 (cm/dmd2.py) tuning the CD model, the teacher as the real score, with and without the GAN head
-    dmd2_steps: int = 100000  # an upper bound: the time budget stops it first
     dmd2_lr: float = 5e-5  # generator and fake score; untuned (DMD2 on CIFAR-10: 2e-6, the demo CD: 2e-4)
     dmd2_ratio: int = 5  # fake-score updates per generator update
     dmd2_warmup: int = 50  # lr warm-up iterations (DMD2: 500)
@@ -153,11 +152,7 @@ def quick_config():
         cd_steps=4,
         cd_batch_size=8,
         start_scales=8,
-        recipe_budget_s=-1.0,
-        ect_steps=3,
         ect_double=1,
-        ict_steps=3,
-        dmd2_steps=2,
         dmd2_ratio=2,
         dmd2_warmup=0,
         recipe_batch_size=8,
@@ -240,6 +235,7 @@ def sample_argv(cfg, model_path, log_dir, training_mode, sampler_flags):
         f"--batch_size={cfg.sample_batch_size}",
         "--class_labels=" + ",".join(str(c) for c in range(NUM_CLASSES)),
         f"--seed={cfg.seed}",
+        "--quantize=round",  # every row judged on the same uint8 conversion (truncation darkens by half a level)
     ]
 
 
@@ -338,21 +334,20 @@ def train_base_models(out, cfg, data_dir, logs, commands, timings, progress):
 
 
 def train_recipes(out, cfg, data_dir, starts, logs, commands, timings):
-    """Stage 4b: every recipe stage at once, one thread each, for the CD stage's wall time.
+    """Stage 4b: every recipe stage at once, one thread each, each with the CD stage's compute.
 
     ``starts`` maps a stage's start ("teacher", "student") to its file.
     Returns ({stage key: EMA file}, {stage key: steps reached}).
     """
-    budget = None if cfg.recipe_budget_s < 0 else (cfg.recipe_budget_s or timings["cm_train"])
     jobs = []
     for stage in RECIPE_STAGES:
         argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start),
                                 starts.get("teacher"))
         commands[f"{stage.key}_train"] = ["python", "scripts/cm_train.py", *argv]
         jobs.append((stage.key, "cm_train.py", argv, os.path.join(logs, f"{stage.key}_train.log")))
-    names = " and ".join(stage.label for stage in RECIPE_STAGES)
-    tqdm.write(f"{names}: {'until their steps are done' if budget is None else f'{budget:.0f} s each'}")
-    for key, seconds in run_budgeted(jobs, budget).items():
+    tqdm.write(f"recipes at CD's training compute ({cd_budget(cfg)} forward-pass equivalents): " + ", ".join(
+        f"{stage.label} {budget_steps(stage, cfg)} steps" for stage in RECIPE_STAGES))
+    for key, seconds in run_budgeted(jobs, None).items():
         timings[f"{key}_train"] = seconds
     files, steps = {}, {}
     for stage in RECIPE_STAGES:
