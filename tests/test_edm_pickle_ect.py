@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cm.cli import UsageError
-from cm.edm_pickle import BoundMethodRecord, PersistentRecord, load_edm_pickle, read_snapshot
+from cm.formats.edm_pickle import BoundMethodRecord, PersistentRecord, load_edm_pickle, read_snapshot
 from golden import decode_weights
 from song_helpers import ROOT
 

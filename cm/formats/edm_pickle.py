@@ -20,8 +20,8 @@ import struct
 import numpy as np
 import torch
 
-from .cli import UsageError
-from .formats.untrusted import (
+from ..cli import UsageError
+from .untrusted import (
     MAX_DEPTH,
     MAX_IMAGE_SIZE,
     MAX_MATERIALISED_SLACK,
@@ -34,7 +34,7 @@ from .formats.untrusted import (
     quote,
     read_regular,
 )
-from .song_unet import ARCH_CONFIGS, SongUNet
+from ..song_unet import ARCH_CONFIGS, SongUNet
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")
 UNSUPPORTED = {
