@@ -18,6 +18,7 @@ import os
 import re
 
 from .fileio import save_atomic  # noqa: F401  (part of this module's API)
+from .formats.untrusted import UntrustedFileError
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -105,6 +106,8 @@ def read_checkpoint(path):
         return dist_util.load_state_dict(path, map_location="cpu")
     except OSError:
         raise
+    except UntrustedFileError as exc:  # a refusal of cm.formats.torch_weights: names the file already
+        raise CheckpointError(str(exc)) from None
     except Exception as exc:  # not a torch file, truncated, or holds objects weights_only refuses
         raise CheckpointError(f"cannot load {path} as a weights-only checkpoint ({_load_reason(exc)})") from None
 

@@ -237,8 +237,8 @@ def read_snapshot(path):
     try:
         data = read_regular(path, MAX_MODEL_FILE_BYTES, "network file")
         return RestrictedUnpickler(data).load()
-    except UntrustedFileError:
-        raise
+    except UntrustedFileError as e:
+        raise UsageError(str(e)) from None
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except OSError as e:

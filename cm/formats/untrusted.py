@@ -18,8 +18,6 @@ import os
 import pickle
 import stat
 
-from ..cli import UsageError
-
 MAX_NAME_CHARS = 200  # a name from a file is shown with at most this many of its characters
 MAX_MODEL_FILE_BYTES = 8 << 30  # a .pkl / .pt / Flax file (NVIDIA's largest published EDM .pkl: 1.2 GB)
 MAX_METADATA_BYTES = 1 << 20  # a metaNNNNNN.json beside a checkpoint
@@ -32,8 +30,12 @@ MAX_LAYOUTS = 4096  # candidate layouts a reader may try when a file leaves one 
 MAX_MATERIALISED_SLACK = 1 << 20  # tensors may hold the file's bytes plus this much
 
 
-class UntrustedFileError(UsageError):
-    """A file that breaks the rules above; the message is one line naming the file."""
+class UntrustedFileError(ValueError):
+    """A file that breaks the rules above; the message is one line naming the file.
+
+    A ValueError, which the scripts print as one line (`cm.cli.run_cli`); this module
+    imports nothing of ours, so the distributed helpers can use it.
+    """
 
     def __init__(self, message):
         super().__init__(" ".join(str(message).split()))
