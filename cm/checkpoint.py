@@ -18,7 +18,7 @@ import os
 import re
 
 from .fileio import save_atomic  # noqa: F401  (part of this module's API)
-from .formats.untrusted import UntrustedFileError
+from .formats.untrusted import UntrustedFileError, safe_text
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the flags given; the message is one line."""
 
     def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(safe_text(message))  # keys from the file: escaped and cut
 
 
 def checkpoint_filename(kind, step, rate=None):

@@ -38,7 +38,7 @@ class UntrustedFileError(ValueError):
     """
 
     def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(safe_text(message))
 
 
 def quote(value, limit=MAX_NAME_CHARS):
@@ -51,6 +51,15 @@ def quote(value, limit=MAX_NAME_CHARS):
     if len(text) > 4 * limit:  # many escaped characters
         text = text[: 4 * limit] + "…"
     return text + (f"… ({len(value)} characters)" if len(value) > limit else "")
+
+
+MAX_MESSAGE_CHARS = 1000  # a one-line error that embeds names from a file is cut to this
+
+
+def safe_text(message, limit=MAX_MESSAGE_CHARS):
+    """A message that may embed names from a file: non-printable characters escaped, one line, cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(message).split()))
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
 def _kind(mode):
