@@ -115,6 +115,43 @@ def read_regular(path, limit=MAX_MODEL_FILE_BYTES, what="file"):
     return b"".join(chunks)
 
 
+MAX_NPZ_MEMBERS = 64
+MAX_NPZ_BYTES = 8 << 30  # all arrays of an .npz input together, uncompressed
+
+
+def check_npz_file(path, what=".npz input"):
+    """Refuse an .npz that is not a regular file of at most `MAX_NPZ_MEMBERS` plain .npy arrays, each
+    declaring no more bytes than its zip member holds (so numpy never allocates what a file only claims)."""
+    import zipfile
+
+    import numpy as np
+
+    with open_regular(path, MAX_NPZ_BYTES, what) as f:
+        try:
+            with zipfile.ZipFile(f) as z:
+                infos = z.infolist()
+                if len(infos) > MAX_NPZ_MEMBERS or sum(i.file_size for i in infos) > MAX_NPZ_BYTES:
+                    raise UntrustedFileError(f"{path}: over {MAX_NPZ_MEMBERS} arrays or {MAX_NPZ_BYTES} bytes")
+                for info in infos:
+                    if not info.filename.endswith(".npy") or info.compress_type not in (0, 8):
+                        raise UntrustedFileError(f"{path}: the member {quote(info.filename)} is not an .npy array")
+                    with z.open(info) as m:
+                        version = np.lib.format.read_magic(m)
+                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                            np.lib.format.read_array_header_2_0
+                        shape, _, dtype = read(m)
+                    count = 1
+                    for n in shape:
+                        count *= n
+                    if dtype.hasobject or count * dtype.itemsize > info.file_size:
+                        raise UntrustedFileError(f"{path}: {quote(info.filename)} declares a {dtype} array of "
+                                                 f"shape {shape} in {info.file_size} bytes")
+        except UntrustedFileError:
+            raise
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+            raise UntrustedFileError(f"{path}: not a readable .npz ({safe_text(e, 200)})") from None
+
+
 class Refused(pickle.UnpicklingError):
     """What a `SafeUnpickler` refuses; the reader adds the file's name."""
 
