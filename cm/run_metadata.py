@@ -12,6 +12,8 @@ import os
 import subprocess
 import warnings
 
+from .formats.untrusted import MAX_METADATA_BYTES, read_regular, safe_text
+
 # Flags whose change on resume makes the run a different run.
 FLAGS_THAT_MATTER = (
     "training_mode",
@@ -92,12 +94,18 @@ def read_metadata(model_path):
     if not (name.startswith("model") and name.endswith(".pt")):
         return None
     path = os.path.join(os.path.dirname(model_path), "meta" + name[len("model") : -len(".pt")] + ".json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+    try:  # a regular file of bounded size; too deep a nesting is as unreadable as bad json
+        meta = json.loads(read_regular(path, MAX_METADATA_BYTES, "metadata file"))
+    except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    flags = meta.get("flags")
+    meta["flags"] = {k: v for k, v in flags.items() if isinstance(v, (str, int, float, bool)) or v is None} \
+        if isinstance(flags, dict) else {}  # only plain values are compared
+    if not (meta.get("world_size") is None or type(meta.get("world_size")) is int):
+        meta["world_size"] = None
+    return meta
 
 
 def changed_flags(saved, current):
@@ -120,7 +128,7 @@ def warn_changed_flags(model_path, flags, world_size):
     for flag, old, new in changes:
         label = "world size" if flag == "world_size" else f"--{flag}"
         warnings.warn(
-            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {old}",
+            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {safe_text(old, 200)}",
             stacklevel=2,
         )
     return changes
