@@ -122,8 +122,10 @@ def read_legacy_storage(data):
     head = f.read(8)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     rest = len(data) - f.tell()
-    if len(head) != 8 or struct.unpack("<q", head)[0] != numel or rest != numel * itemsize:
-        raise Refused(f"a tensor storage declaring {numel} elements where the file holds {max(rest, 0)} bytes")
+    declared = struct.unpack("<q", head)[0] if len(head) == 8 else None
+    if declared != numel or rest != numel * itemsize:
+        raise Refused(f"a tensor storage declaring {numel} elements ({declared} in its header) where the file "
+                      f"holds {max(rest, 0)} bytes")
     raw = bytearray(data[f.tell():])
     flat = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
     return StorageRecord(flat)
@@ -476,6 +478,7 @@ def load_edm_pickle(path):
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise UsageError(f"{path}: {quote(key)} is not a finite floating-point tensor ({value.dtype})")
     config = infer_song_unet_config(sd, path)
+    _check_size(config, sd, path)
     arch = _arch_of(config)
     if arch is None:
         raise UsageError(f"{path}: a SongUNet configuration --arch cannot express ({config['embedding_type']} "
@@ -484,7 +487,6 @@ def load_edm_pickle(path):
         raise UsageError(f"{path}: {config['label_dim']} classes; only 10-class (CIFAR-10) or unconditional")
     dropout = finite_float(_first_block_attr(modules, "dropout", 0.0), "dropout", path, below=1)
     label_dropout = finite_float(net.state.get("label_dropout") or 0.0, "label_dropout", path, below=1)
-    _check_size(config, sd, path)
     model = SongUNet(**config, dropout=dropout, label_dropout=label_dropout)
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
