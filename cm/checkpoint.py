@@ -74,7 +74,7 @@ def strip_wrapper_prefix(state_dict, expected_keys):
         if len(heads) != 1 or None in heads:
             break
         head = heads.pop()
-        if head in model_heads:  # a real module name of the model, not a wrapper
+        if head in model_heads or not head.isidentifier() or len(head) > 64:  # a module name, or not a wrapper's
             break
         head += "."
         state_dict = {k[len(head) :]: v for k, v in state_dict.items()}

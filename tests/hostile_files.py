@@ -249,6 +249,18 @@ def npz_lying(shape):
     return out.getvalue()
 
 
+def cifar_archive(meta_pickle):
+    """A cifar-10-python.tar.gz whose batches.meta is ``meta_pickle``."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+        info.size = len(meta_pickle)
+        tar.addfile(info, io.BytesIO(meta_pickle))
+    return out.getvalue()
+
+
 def file(data, name="model.pkl"):
     def build(tmp_path):
         path = tmp_path / name
@@ -305,6 +317,8 @@ CASES = {
     "getattr-dunder-of-global": ("pkl", file(P(call(glob("builtins", "getattr"), REBUILD, s("__globals__")))),
                                  "getattr on something other"),
     "extra-evil-global": ("pkl", file(P(call(glob("os", "system"), s("echo pwned")))), "'os.system'"),
+    "meta-tensor-global": ("pkl", file(pkl_bytes(call(glob("torch._utils", "_rebuild_meta_tensor_no_storage"), s(
+        "float32"), tup(i(1 << 30)), tup(i(1)), b"\x89"))), "'torch._utils._rebuild_meta_tensor_no_storage'"),
     "numpy-object-dtype": ("pkl", file(P(call(glob("numpy", "dtype"), s("O"), b"\x89\x88"))), "'O'"),
     # heap memory in the weights (point 2)
     "view-longer-than-storage": ("pkl", file(pkl_bytes(view(0, [1000], [1]))), "beyond its storage"),
@@ -376,6 +390,15 @@ CASES = {
     "msgpack-deep-tree": ("jax", file(lambda: golden_flax_with("Conv_0", "extra", deep_tree(500)), "ckpt"),
                           "nested over 64 deep"),
     "msgpack-key-escape": ("jax", file(flax({"\x1b[31mFoo_0": {}}), "ckpt"), "\\x1b[31mFoo_0"),
+    # the CIFAR-10 archive
+    "cifar-huge-ndarray": ("cifar", file(cifar_archive(P(call(glob("numpy.core.multiarray", "_reconstruct"), glob(
+        "numpy", "ndarray"), tup(i(1 << 40)), s("b")))), "c.tar.gz"), "not numpy's own"),
+    "cifar-build-on-function": ("cifar", file(cifar_archive(P(glob("_codecs", "encode") + tup(b"N", dict_((s(
+        "__defaults__"), tup(b"\x88")))) + b"b")), "c.tar.gz"), "setting the state of a builtin"),
+    "cifar-build-on-numpy-dtype": ("cifar", file(cifar_archive(P(call(glob("numpy", "dtype"), s("u1"), b"\x89\x88")
+                                                                + tup(i(3), s(">")) + b"b")), "c.tar.gz"),
+                                   "unusable state"),
+    "cifar-fifo": ("cifar", fifo("c.tar.gz"), "a FIFO"),
     # .npz inputs
     "npz-header-lie": ("npz", file(npz_lying([1 << 40, 32, 32, 3]), "x.npz"), "declares"),
     "npz-object-array": ("npz", file(lambda: npz_bytes(arr_0=np.array([None, 1], dtype=object)), "x.npz"),

@@ -20,13 +20,15 @@ import hostile_files
 from cm.checkpoint import read_checkpoint
 from cm.cli import run_cli
 from cm.faults import newest_usable_checkpoint, set_file_names
+from cm.formats.cifar10 import read_cifar10
 from cm.formats.edm_pickle import load_edm_pickle
 from cm.formats.model_files import load_network_file
 from cm.formats.untrusted import check_npz_file, quote, safe_text
 from hostile_files import CASES
 from song_helpers import ROOT, load_script
 
-READERS = {"pkl": load_edm_pickle, "pt": read_checkpoint, "jax": load_network_file, "npz": check_npz_file}
+READERS = {"pkl": load_edm_pickle, "pt": read_checkpoint, "jax": load_network_file, "npz": check_npz_file,
+           "cifar": read_cifar10}
 DEFAULTS = torch._utils._rebuild_tensor_v2.__defaults__
 CONTROL = ("\x1b", "\x07", "\u202e", "\x0c")
 
