@@ -2,10 +2,13 @@
 
 Such a file is a pickle whose modules are "persistent" objects: unpickling it the
 usual way imports `torch_utils` and executes the module source stored inside it.
-Here a restricted unpickler admits a short allow-list of globals, turns every
-persistent object into a plain record (class name + pickled `__dict__`) without
-running its `module_src`, reads tensor storages with ``weights_only=True``, and
-rebuilds the network as our `SongUNet` from the recorded weights and shapes.
+Here a restricted unpickler (`cm.formats.untrusted.SafeUnpickler`) admits a short
+allow-list of globals, each replaced by a recording function of ours, turns every
+persistent object into a plain record (class name + pickled `__dict__`) without running
+its `module_src`, parses each nested tensor storage itself (its size checked against its
+bytes), checks every tensor view against its storage, and rebuilds the network as our
+`SongUNet` from the recorded weights and shapes once the module tree (each record once,
+bounded depth), the inferred layout and its size against the weights held check out.
 
 `load_edm_pickle(path) -> (model, flags)`: ``model`` is our network in eval mode
 holding the snapshot's ``ema`` weights (a pickle of a bare network works too);
