@@ -168,7 +168,7 @@ class RestrictedUnpickler(SafeUnpickler):
 
     def __init__(self, data, budget_bytes=None):
         self.allowed = {
-            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("collections", "OrderedDict"): self._ordered_dict,
             ("builtins", "getattr"): self._bound_method,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
             ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
@@ -193,6 +193,12 @@ class RestrictedUnpickler(SafeUnpickler):
         if self.records > MAX_RECORDS:
             raise Refused(f"over {MAX_RECORDS} persistent objects")
         return PersistentRecord(meta["class_name"], meta["state"])
+
+    def _ordered_dict(self, *args):
+        """`collections.OrderedDict()`, or of one plain container (never iterating a tensor or record)."""
+        if len(args) > 1 or (args and type(args[0]) not in (list, tuple, dict, collections.OrderedDict)):
+            raise Refused("an OrderedDict built from something other than a plain container")
+        return collections.OrderedDict(*args)
 
     def _bound_method(self, obj, name):
         """`builtins.getattr`: only on a record this reader built, with a plain string name."""
