@@ -394,7 +394,7 @@ CASES = {
     "cifar-huge-ndarray": ("cifar", file(cifar_archive(P(call(glob("numpy.core.multiarray", "_reconstruct"), glob(
         "numpy", "ndarray"), tup(i(1 << 40)), s("b")))), "c.tar.gz"), "not numpy's own"),
     "cifar-build-on-function": ("cifar", file(cifar_archive(P(glob("_codecs", "encode") + tup(b"N", dict_((s(
-        "__defaults__"), tup(b"\x88")))) + b"b")), "c.tar.gz"), "setting the state of a builtin"),
+        "__defaults__"), tup(b"\x88")))) + b"b")), "c.tar.gz"), "setting the state of a function"),
     "cifar-build-on-numpy-dtype": ("cifar", file(cifar_archive(P(call(glob("numpy", "dtype"), s("u1"), b"\x89\x88")
                                                                 + tup(i(3), s(">")) + b"b")), "c.tar.gz"),
                                    "unusable state"),

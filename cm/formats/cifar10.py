@@ -86,6 +86,13 @@ def _array_from(raw, dtype, shape, where="array"):
     return np.frombuffer(bytes(raw), dtype=dt).reshape(shape)
 
 
+def _latin1(text, encoding):
+    """`_codecs.encode(str, "latin1")`, as Python 3 pickles bytes in protocol 2; no other codec."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise Refused("_codecs.encode of something other than a latin1 string")
+    return codecs.encode(text, "latin1")
+
+
 def _frombuffer(buf, dtype, shape, order):
     return _array_from(buf, dtype, shape)
 
@@ -100,7 +107,7 @@ class _DataOnlyUnpickler(SafeUnpickler):
     allowed = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _make_dtype,
                # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(str, "latin1"): a pure
                # data transform (Python 2's own pickles use plain string opcodes instead).
-               ("_codecs", "encode"): codecs.encode}
+               ("_codecs", "encode"): _latin1}
     for _mod in ("numpy.core", "numpy._core"):
         allowed.update({(_mod + ".multiarray", "_reconstruct"): _reconstruct,
                         (_mod + ".multiarray", "scalar"): _scalar, (_mod + ".numeric", "_frombuffer"): _frombuffer})
