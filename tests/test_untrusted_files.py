@@ -149,3 +149,19 @@ def test_memory_bombs_stay_under_a_small_address_space(tmp_path):
 def test_corpus_covers_every_reader():
     assert {reader for reader, _, _ in CASES.values()} == set(READERS)
     assert hostile_files.BIG > 8 << 30
+
+
+@pytest.mark.parametrize("case", ["pt-bytearray", "msgpack-index-1e12", "pt-fifo", "class-name-escape-4mib"])
+def test_scripts_refuse_hostile_model_files_in_one_line(tmp_path, capsys, case):
+    """image_sample --model_path and cm_train --teacher_model_path: one line naming the file, no logging dir."""
+    path = CASES[case][1](tmp_path)
+    net = ["--image_size", "16", "--channel_mult", "1,2", "--num_channels", "32", "--num_res_blocks", "1",
+           "--attention_resolutions", "8", "--logging_dir", str(tmp_path / "out")]
+    runs = [("image_sample", ["--model_path", str(path), "--num_samples", "2", "--batch_size", "2"] + net),
+            ("cm_train", ["--teacher_model_path", str(path), "--training_mode", "consistency_distillation",
+                          "--loss_norm", "l2", "--data_dir", str(tmp_path)] + net)]
+    for script, argv in runs:
+        rc = run_cli(load_script(script).main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and path.name in err[0], (script, err)
+        assert not any(c in err[0] for c in CONTROL) and not (tmp_path / "out").exists(), (script, err)

@@ -197,7 +197,8 @@ def _batch(d, where):
     """uint8 NHWC images [n, 32, 32, 3] and int64 labels [n] from one batch dict."""
     data, labels = d.get("data"), d.get("labels")
     if data is None or labels is None:
-        raise CifarArchiveError(f"{where}: missing 'data' or 'labels' (has {', '.join(quote(str(k), 40) for k in list(d)[:10])})")
+        keys = ", ".join(quote(str(k), 40) for k in list(d)[:10])
+        raise CifarArchiveError(f"{where}: missing 'data' or 'labels' (has {keys})")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
         raise CifarArchiveError(f"{where}: 'data' must be uint8 [n, 3072], got {got}")

@@ -183,7 +183,8 @@ class SafeUnpickler(pickle._Unpickler):
         try:
             return self.allowed[(module, name)]
         except (KeyError, TypeError):
-            raise Refused(f"refusing the global {quote(f'{module}.{name}')} (not on the {self.what} allow-list)") from None
+            shown = quote(f"{module}.{name}")
+            raise Refused(f"refusing the global {shown} (not on the {self.what} allow-list)") from None
 
     def persistent_load(self, pid):
         raise Refused(f"refusing a persistent id (not used by a {self.what})")
