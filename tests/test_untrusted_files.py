@@ -165,3 +165,19 @@ def test_scripts_refuse_hostile_model_files_in_one_line(tmp_path, capsys, case):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and path.name in err[0], (script, err)
         assert not any(c in err[0] for c in CONTROL) and not (tmp_path / "out").exists(), (script, err)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_plain_state_dicts_still_load_exactly(tmp_path, legacy):
+    """What torch.save writes for a model and an optimiser passes every check, zip or legacy format."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    for name, state in (("model", model.state_dict()), ("opt", opt.state_dict())):
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        loaded = read_checkpoint(path)
+        assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded_v, v) for loaded_v, v in zip(read_checkpoint(tmp_path / "model.pt").values(),
+                                                               model.state_dict().values()))
