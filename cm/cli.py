@@ -109,3 +109,21 @@ def run_cli(main, argv=None):
             os._exit(1)
         return 1
     return 0
+
+
+def parse_ema_rates(ema_rate):
+    """EMA rates from a float, a comma list ("0.999,0.9999") or a sequence."""
+    if isinstance(ema_rate, (int, float)):
+        items = [ema_rate]
+    elif isinstance(ema_rate, str):
+        items = [x for x in ema_rate.split(",") if x.strip()]
+    else:
+        items = list(ema_rate)
+    try:
+        rates = [float(x) for x in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--ema_rate must be a comma list of numbers in [0, 1], got {ema_rate!r}") from None
+    for r in rates:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"--ema_rate values must lie in [0, 1], got {r}")
+    return rates

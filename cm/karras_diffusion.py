@@ -36,11 +36,18 @@ from .editing import iterative_colorization, iterative_inpainting, iterative_sup
 from .schedules import get_sigmas_karras, karras_sigma
 
 
+def _given_or_default(x_start, model_kwargs, noise):
+    """The losses' defaults: no conditioning, and fresh Gaussian noise shaped like ``x_start``."""
+    return model_kwargs or {}, torch.randn_like(x_start) if noise is None else noise
+
+
 class KarrasDenoiser:
     """EDM / consistency-model denoiser with its training losses.
 
-    :param distillation: use the consistency-model (boundary-condition)
-        scalings instead of EDM's.
+    :param distillation: use the boundary-condition scalings (c_skip(σ_min) = 1,
+        c_out(σ_min) = 0: every consistency model, also CT, iCT and ECT,
+        which distil nothing) instead of EDM's; the original's name, read as
+        `boundary_scalings`.
     :param loss_norm: distance of the consistency and progdist losses
         ("l1", "l2", "l2-32", "lpips").
     :param lpips_path: LPIPS weights file for ``loss_norm="lpips"`` (else the
@@ -75,6 +82,11 @@ class KarrasDenoiser:
         self._lpips = None
 
     # --- scalings ---------------------------------------------------------
+    @property
+    def boundary_scalings(self):
+        """True: the consistency models' boundary-condition scalings; False: EDM's."""
+        return self.distillation
+
     def get_snr(self, sigmas):
         return snr(sigmas)
 
@@ -89,7 +101,7 @@ class KarrasDenoiser:
 
     def denoise(self, model, x_t, sigmas, **model_kwargs):
         """Return (raw network output F, D = c_skip·x_t + c_out·F)."""
-        scalings = self.get_scalings_for_boundary_condition if self.distillation else self.get_scalings
+        scalings = self.get_scalings_for_boundary_condition if self.boundary_scalings else self.get_scalings
         c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in scalings(sigmas)]
         model_output = model(c_in * x_t, c_noise(sigmas), **model_kwargs)
         return model_output, c_out * model_output + c_skip * x_t
@@ -128,9 +140,7 @@ class KarrasDenoiser:
 
     def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
         """EDM denoising loss terms ("loss", "mse", "xs_mse") at the given σ per sample."""
-        model_kwargs = model_kwargs or {}
-        if noise is None:
-            noise = torch.randn_like(x_start)
+        model_kwargs, noise = _given_or_default(x_start, model_kwargs, noise)
         return losses.denoising_loss(
             lambda x, t: self.denoise(model, x, t, **model_kwargs),
             x_start,
@@ -157,9 +167,7 @@ class KarrasDenoiser:
         if target_model is None:
             raise ValueError("consistency_losses needs a target_model")
         self._check_teacher("consistency_losses", teacher_model, teacher_diffusion)
-        model_kwargs = model_kwargs or {}
-        if noise is None:
-            noise = torch.randn_like(x_start)
+        model_kwargs, noise = _given_or_default(x_start, model_kwargs, noise)
         indices = torch.randint(0, num_scales - 1, (x_start.shape[0],), device=x_start.device)
         t = self._grid(indices / (num_scales - 1))
         t_next = self._grid((indices + 1) / (num_scales - 1))
@@ -193,9 +201,7 @@ class KarrasDenoiser:
         if teacher_model is None:
             raise ValueError("progdist_losses needs a teacher_model")
         self._check_teacher("progdist_losses", teacher_model, teacher_diffusion)
-        model_kwargs = model_kwargs or {}
-        if noise is None:
-            noise = torch.randn_like(x_start)
+        model_kwargs, noise = _given_or_default(x_start, model_kwargs, noise)
         indices = torch.randint(0, num_scales, (x_start.shape[0],), device=x_start.device)
         t = self._grid(indices / num_scales)
         t_mid = self._grid((indices + 0.5) / num_scales)
@@ -223,9 +229,7 @@ class KarrasDenoiser:
         same network, unwrapped). Weight 1/(σ_{i+1} − σ_i), pseudo-Huber distance
         with c = 0.00054·√d unless ``huber_c`` is given.
         """
-        model_kwargs = model_kwargs or {}
-        if noise is None:
-            noise = torch.randn_like(x_start)
+        model_kwargs, noise = _given_or_default(x_start, model_kwargs, noise)
         if huber_c is None:
             huber_c = recipes.pseudo_huber_c(x_start[0].numel())
         lo, hi, weights = recipes.ict_draw(
@@ -249,9 +253,7 @@ class KarrasDenoiser:
         p_mean=recipes.P_MEAN, p_std=recipes.P_STD,
     ):
         """ECT loss terms: t ~ log-normal, r = r(t, stage), one ε, the online weights for both calls."""
-        model_kwargs = model_kwargs or {}
-        if noise is None:
-            noise = torch.randn_like(x_start)
+        model_kwargs, noise = _given_or_default(x_start, model_kwargs, noise)
         t = recipes.ect_draw_t(x_start.shape[0], p_mean, p_std, device=x_start.device)
         r = recipes.ect_r(t, stage, q=q)
         target = self._denoiser(target_model, model_kwargs) if target_model is not None else None
