@@ -18,6 +18,7 @@ import os
 import re
 
 from .fileio import save_atomic  # noqa: F401  (part of this module's API)
+from .formats.untrusted import UntrustedFileError, safe_text
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -26,7 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the flags given; the message is one line."""
 
     def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(safe_text(message))  # keys from the file: escaped and cut
 
 
 def checkpoint_filename(kind, step, rate=None):
@@ -73,7 +74,7 @@ def strip_wrapper_prefix(state_dict, expected_keys):
         if len(heads) != 1 or None in heads:
             break
         head = heads.pop()
-        if head in model_heads:  # a real module name of the model, not a wrapper
+        if head in model_heads or not head.isidentifier() or len(head) > 64:  # a module name, or not a wrapper's
             break
         head += "."
         state_dict = {k[len(head) :]: v for k, v in state_dict.items()}
@@ -105,6 +106,8 @@ def read_checkpoint(path):
         return dist_util.load_state_dict(path, map_location="cpu")
     except OSError:
         raise
+    except UntrustedFileError as exc:  # a refusal of cm.formats.torch_weights: names the file already
+        raise CheckpointError(str(exc)) from None
     except Exception as exc:  # not a torch file, truncated, or holds objects weights_only refuses
         raise CheckpointError(f"cannot load {path} as a weights-only checkpoint ({_load_reason(exc)})") from None
 

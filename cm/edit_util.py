@@ -35,6 +35,7 @@ from .cli import UsageError
 from .editing import colorize_observation, edit_with_sigmas, inpaint_observation, schedule_sigmas, slerp
 from .editing import superres_observation
 from .fileio import write_atomic
+from .formats.untrusted import UntrustedFileError, check_npz_file
 from .image_datasets import DataError, class_ids, list_image_files
 from .random_util import get_generator
 from .recipes import samples_with_boundary_scalings
@@ -184,7 +185,11 @@ def load_inputs(path, image_size, class_cond, num_images=0):
                 raise UsageError(f"--input: {e}") from None
     else:
         try:
-            with np.load(path) as z:
+            check_npz_file(path, "--input")  # a regular file whose arrays hold what they declare
+        except UntrustedFileError as exc:
+            raise UsageError(f"--input: {exc}") from None
+        try:
+            with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:
             raise UsageError(f"--input: {path} is neither an image folder nor a readable .npz ({type(exc).__name__})") from None

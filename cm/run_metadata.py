@@ -13,6 +13,8 @@ import re
 import subprocess
 import warnings
 
+from .formats.untrusted import MAX_METADATA_BYTES, read_regular, safe_text
+
 # Flags whose change on resume makes the run a different run.
 FLAGS_THAT_MATTER = (
     "training_mode",
@@ -96,12 +98,18 @@ def read_metadata(model_path):
     if match is None:
         return None
     path = os.path.join(os.path.dirname(str(model_path)), f"meta{match.group(1)}.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+    try:  # a regular file of bounded size; too deep a nesting is as unreadable as bad json
+        meta = json.loads(read_regular(path, MAX_METADATA_BYTES, "metadata file"))
+    except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    flags = meta.get("flags")
+    meta["flags"] = {k: v for k, v in flags.items() if isinstance(v, (str, int, float, bool)) or v is None} \
+        if isinstance(flags, dict) else {}  # only plain values are compared
+    if not (meta.get("world_size") is None or type(meta.get("world_size")) is int):
+        meta["world_size"] = None
+    return meta
 
 
 # flags a resumed run takes from its checkpoint's metadata unless given again: they describe the
@@ -148,7 +156,7 @@ def warn_changed_flags(model_path, flags, world_size):
     for flag, old, new in changes:
         label = "world size" if flag == "world_size" else f"--{flag}"
         warnings.warn(
-            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {old}",
+            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {safe_text(old, 200)}",
             stacklevel=2,
         )
     return changes

@@ -10,7 +10,9 @@ Add a format by adding its suffix and reader to `READERS`.
 import os
 
 from ..checkpoint import load_model_state, read_checkpoint
+from .. import logger
 from ..cli import UsageError
+from .untrusted import MAX_IMAGE_SIZE
 
 # flags that fix the network's structure: a file that describes itself decides them
 STRUCTURE_FLAGS = (
@@ -75,9 +77,9 @@ def load_network_file(path, image_size=None):
     reader = _reader(path)
     if reader is None:
         raise UsageError(f"{path}: not a self-describing network file ({', '.join(READERS)} or a Flax checkpoint)")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UsageError(f"{path}: no such file")
-    return reader(path, image_size=image_size)
+    return reader(path, image_size=image_size)  # each reader opens regular files only
 
 
 def _normal(key, value):
@@ -116,6 +118,8 @@ def adopt_network_flags(args, flag, defaults, keys=STRUCTURE_FLAGS):
         if set_by_user and not agrees:
             raise UsageError(f"--{key} {given} contradicts --{flag} {path}, which holds {key}={flags[key]}")
         setattr(args, key, flags[key])
+    if "image_size" in flags:  # a file decides the image size: said once, bounded by the readers
+        logger.log(f"--{flag} {path}: image size {flags['image_size']} from the file (at most {MAX_IMAGE_SIZE})")
     return model, flags
 
 
