@@ -25,7 +25,7 @@ import torch
 from .jvp import fork_rng
 from .nn import append_dims
 from .precond import SIGMA_DATA
-from .trigflow import trigflow_point, trigflow_time
+from .trigflow import logvar, trigflow_F, trigflow_fd, trigflow_jvp, trigflow_point, trigflow_time
 
 P_MEAN, P_STD = -1.0, 1.4  # sCM's log-normal proposal of σ
 SIGMA_MIN = 0.002
@@ -141,3 +141,64 @@ def scm_time(n, sigma_max, p_mean=P_MEAN, p_std=P_STD, sigma_min=SIGMA_MIN, sigm
     """(σ, t̂) for n samples of the training time distribution."""
     sigma = scm_draw_sigma(n, p_mean, p_std, sigma_min, sigma_max, generator)
     return sigma, trigflow_time(sigma, sigma_data)
+
+
+# ----------------------------------------------------------------------------
+# The training step's loss (what the sct/scd rows of the recipe table call)
+
+
+@dataclass(frozen=True)
+class ScmSettings:
+    """One sCM run's settings (cm_train.py flags)."""
+
+    sigma_max: float = SCT_SIGMA_MAX  # --scm_sigma_max
+    warmup_steps: int = TANGENT_WARMUP_STEPS  # --tangent_warmup_steps
+    jvp: str = "ad"  # --jvp ad|fd
+    variant: ScmVariant = ScmVariant()
+    p_mean: float = P_MEAN
+    p_std: float = P_STD
+    sigma_min: float = SIGMA_MIN
+    sigma_data: float = SIGMA_DATA
+
+
+def _tangent_fn(module, method, sigma_data, model_kwargs):
+    if method == "fd":
+        return lambda x, t, d, path, rng: trigflow_fd(module, path, t, sigma_data, rng=rng, **model_kwargs)
+    return lambda x, t, d, path, rng: trigflow_jvp(module, x, t, d, sigma_data, rng=rng, **model_kwargs)[1]
+
+
+def scm_training_losses(model, module, x_start, step, settings, teacher=None, model_kwargs=None):
+    """sCT/sCD loss terms of one (micro)batch: σ, z drawn from torch's (per-step seeded) RNG.
+
+    ``model``: the network as the training pass calls it (DDP, autocast);
+    ``module``: the same network unwrapped (float32 weights), for the head and
+    the JVP; ``teacher``: the frozen sCD teacher network (EDM-scaled), or None.
+    Returns per-sample "loss", "sigmas" and the monitors of `scm_loss`.
+    """
+    model_kwargs = model_kwargs or {}
+    s = settings
+    device = x_start.device
+    sigma = scm_draw_sigma(x_start.shape[0], s.p_mean, s.p_std, s.sigma_min, s.sigma_max).to(device)
+    t_hat = trigflow_time(sigma, s.sigma_data)
+    z = s.sigma_data * torch.randn_like(x_start)
+
+    def student(x_hat, t):
+        return trigflow_F(model, x_hat, t, s.sigma_data, **model_kwargs), logvar(module, t, s.sigma_data)
+
+    teacher_F = None
+    if teacher is not None:
+        teacher_F = lambda x_hat, t: trigflow_F(teacher, x_hat, t, s.sigma_data, **model_kwargs)  # noqa: E731
+    out = scm_loss(
+        student, _tangent_fn(module, s.jvp, s.sigma_data, model_kwargs), x_start, z, t_hat,
+        tangent_warmup(step, s.warmup_steps), teacher=teacher_F, sigma_data=s.sigma_data, variant=s.variant,
+    )
+    out["sigmas"] = sigma.float()
+    return out
+
+
+def probe_forward_ad(module, image_size, device, model_kwargs=None, channels=3):
+    """Run one JVP of ``module`` on a 1-image batch: a `cm.jvp.ForwardADError` (one line) if it cannot."""
+    model_kwargs = {k: v[:1] for k, v in (model_kwargs or {}).items()}
+    x = torch.zeros(1, channels, image_size, image_size, device=device)
+    t_hat = torch.full((1,), 0.7, dtype=torch.float64, device=device)
+    trigflow_jvp(module, x, t_hat, torch.ones_like(x), **model_kwargs)
