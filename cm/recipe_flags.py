@@ -15,7 +15,11 @@ from .recipes import P_MEAN, P_STD, RECIPE_MODES, RECIPES, get_recipe, modes_usi
 
 def recipe_flag_defaults():
     """Flags added to cm_train.py for the recipes."""
-    return dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD)
+    return dict(
+        init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD,
+        tangent_warmup_steps=10000, scm_sigma_max=800.0, jvp="ad", g_norm_spatial_invariance=False,
+        divide_x_0_spatial_dim=False, prior_weighting=False, adam_beta2=0.999,
+    )
 
 
 RECIPE_FLAG_HELP = {
@@ -23,8 +27,17 @@ RECIPE_FLAG_HELP = {
     "an EDM/ECT .pkl (sets the network flags), or 'none' for random weights; ect requires it",
     "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
-    "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
-    "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
+    "p_mean": "ect/ict/sct/scd: mean of ln t, the log-normal of noise levels the losses draw from "
+    "(ECT and iCT: -1.1; sCM: -1.0)",
+    "p_std": "ect/ict/sct/scd: standard deviation of ln t (ECT and iCT: 2.0; sCM: 1.4)",
+    "tangent_warmup_steps": "sct/scd: the tangent warm-up r = min(1, step/this) (0: none)",
+    "scm_sigma_max": "sct/scd: the training σ's log-normal is truncated to [0.002, this] (presets: sCT 800, sCD 80)",
+    "jvp": "sct/scd: the tangent of the network: ad (forward-mode AD, torch.func.jvp) or fd (central finite "
+    "differences, for networks or settings without forward-mode AD)",
+    "g_norm_spatial_invariance": "sct/scd (FastGen's default, not the paper's): normalise g by ‖g‖/√D + 0.1",
+    "divide_x_0_spatial_dim": "sct/scd (FastGen's default, not the paper's): divide the loss by D once more",
+    "prior_weighting": "sct/scd (FastGen's default, not the paper's): weight the loss by 1/σ",
+    "adam_beta2": "sct/scd: RAdam's β2 (sCM: 0.99; the other modes keep torch's 0.999)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 
@@ -54,6 +67,10 @@ FLAG_CHECKS = {
     "ect_q": (lambda v: v > 1, "must be larger than 1"),
     "p_std": (lambda v: v > 0, "must be positive"),
     "huber_c": (lambda v: v >= 0, "must be non-negative"),
+    "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
+    "scm_sigma_max": (lambda v: v > 0.002, "must be larger than σ_min 0.002"),
+    "jvp": (lambda v: v in ("ad", "fd"), "must be ad or fd"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
 
 

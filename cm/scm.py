@@ -167,20 +167,24 @@ def _tangent_fn(module, method, sigma_data, model_kwargs):
     return lambda x, t, d, path, rng: trigflow_jvp(module, x, t, d, sigma_data, rng=rng, **model_kwargs)[1]
 
 
-def scm_training_losses(model, module, x_start, step, settings, teacher=None, model_kwargs=None):
-    """sCT/sCD loss terms of one (micro)batch: σ, z drawn from torch's (per-step seeded) RNG.
+def scm_training_losses(model, module, x_start, r, settings, teacher=None, model_kwargs=None, sigma=None, z=None):
+    """sCT/sCD loss terms of one (micro)batch at tangent warm-up ``r``.
 
     ``model``: the network as the training pass calls it (DDP, autocast);
     ``module``: the same network unwrapped (float32 weights), for the head and
     the JVP; ``teacher``: the frozen sCD teacher network (EDM-scaled), or None.
+    σ and z are drawn from torch's (per-step seeded) RNG unless given.
     Returns per-sample "loss", "sigmas" and the monitors of `scm_loss`.
     """
     model_kwargs = model_kwargs or {}
     s = settings
     device = x_start.device
-    sigma = scm_draw_sigma(x_start.shape[0], s.p_mean, s.p_std, s.sigma_min, s.sigma_max).to(device)
+    if sigma is None:
+        sigma = scm_draw_sigma(x_start.shape[0], s.p_mean, s.p_std, s.sigma_min, s.sigma_max)
+    sigma = sigma.double().to(device)
     t_hat = trigflow_time(sigma, s.sigma_data)
-    z = s.sigma_data * torch.randn_like(x_start)
+    if z is None:
+        z = s.sigma_data * torch.randn_like(x_start)
 
     def student(x_hat, t):
         return trigflow_F(model, x_hat, t, s.sigma_data, **model_kwargs), logvar(module, t, s.sigma_data)
@@ -189,8 +193,8 @@ def scm_training_losses(model, module, x_start, step, settings, teacher=None, mo
     if teacher is not None:
         teacher_F = lambda x_hat, t: trigflow_F(teacher, x_hat, t, s.sigma_data, **model_kwargs)  # noqa: E731
     out = scm_loss(
-        student, _tangent_fn(module, s.jvp, s.sigma_data, model_kwargs), x_start, z, t_hat,
-        tangent_warmup(step, s.warmup_steps), teacher=teacher_F, sigma_data=s.sigma_data, variant=s.variant,
+        student, _tangent_fn(module, s.jvp, s.sigma_data, model_kwargs), x_start, z, t_hat, r,
+        teacher=teacher_F, sigma_data=s.sigma_data, variant=s.variant,
     )
     out["sigmas"] = sigma.float()
     return out

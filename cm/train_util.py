@@ -74,7 +74,7 @@ from .fp16_util import (
     master_params_to_model_params,
     master_params_to_state_dict,
 )
-from .nn import update_ema
+from .nn import LOGVAR_HEAD, has_logvar_head, update_ema
 from .precision import resolve_precision, wrap as precision_wrap
 from .opt_layout import is_original_fp16_layout, to_per_parameter
 from . import recipes
@@ -414,6 +414,7 @@ class TrainLoop:
         precision=None,
         max_bad_steps=20,
         run_flags=None,
+        adam_betas=(0.9, 0.999),
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -432,6 +433,7 @@ class TrainLoop:
         self.save_interval = save_interval
         self.schedule_sampler = schedule_sampler or LogNormalSampler()
         self.weight_decay = weight_decay
+        self.adam_betas = tuple(adam_betas)
         self.lr_anneal_steps = lr_anneal_steps
         self.total_training_steps = total_training_steps
         self.logging_dir = logging_dir or None
@@ -526,7 +528,7 @@ class TrainLoop:
         return self._load_params(*found)
 
     def _new_optimizer(self):
-        return RAdam(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        return RAdam(self.mp_trainer.master_params, lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay)
 
     def _load_optimizer(self):
         found = self._sibling("opt")
@@ -870,7 +872,12 @@ class CMTrainLoop(TrainLoop):
 
     def _initial_weights(self):
         if self.teacher_model is not None and not self.resume_checkpoint:
-            load_model_state(self.model, self.teacher_model.state_dict(), "the teacher model")
+            state = self.teacher_model.state_dict()
+            if has_logvar_head(self.model) and not has_logvar_head(state):
+                # an sCM student keeps its own (fresh) log-variance head: the teacher has none
+                own = self.model.state_dict()
+                state = {**state, **{k: v for k, v in own.items() if k.startswith(LOGVAR_HEAD + ".")}}
+            load_model_state(self.model, state, "the teacher model")
 
     def _resume_part(self, kind, module):
         """Load the resumed set's ``kind`` file into ``module``; False when there is none."""
@@ -959,6 +966,8 @@ class CMTrainLoop(TrainLoop):
                 losses = self.recipe.loss(self.diffusion, self.nets, batch[part], level, micro_cond, self.loss_options)
                 self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
+            for key in self.recipe.monitors:
+                logger.logkv_mean(key, losses[key].detach().float().mean().item())
             if "r" in losses:  # a pair of levels (t, r) per sample
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())
