@@ -21,7 +21,8 @@ pytest.importorskip("sklearn")
 from cm.tools import demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep")
+SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep",
+            "sct_onestep", "sct_twostep", "scd_onestep", "scd_twostep")
 
 
 # ----------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def test_sampler_evaluation_counts():
     assert [(name, nfe) for name, _, nfe, _, _ in demo.samplers(cfg)] == [("heun", 35), ("onestep", 1), ("twostep", 2)]
     recipes = [(name, nfe, mode) for name, _, nfe, mode, _ in demo.recipe_samplers(cfg)]
     assert recipes == [("ect_onestep", 1, "ect"), ("ect_twostep", 2, "ect"), ("ict_onestep", 1, "ict"),
-                       ("ict_twostep", 2, "ict")]
+                       ("ict_twostep", 2, "ict"), ("sct_onestep", 1, "sct"), ("sct_twostep", 2, "sct"),
+                       ("scd_onestep", 1, "scd"), ("scd_twostep", 2, "scd")]
 
 
 # ----------------------------------------------------------------------------
@@ -139,9 +141,10 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    for mode in ("ect", "ict"):  # the quick preset runs its steps (no time limit)
+    for mode in ("ect", "ict", "sct", "scd"):  # the quick preset runs its steps (no time limit)
         assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000003.pt").is_file()
-    for log in ("edm_train", "cm_train", "ect_train", "ict_train", *(f"sample_{n}" for n in SAMPLERS)):
+    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "sct_train", "scd_train",
+                *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
 
@@ -149,6 +152,7 @@ def test_quick_run_prints_the_table(quick_run):
     out, stdout, cfg = quick_run
     nfe = {"EDM teacher, Heun": 2 * cfg.heun_steps - 1, "CD, one step": 1, "CD, two steps": 2}
     nfe.update({"ECT, one step": 1, "ECT, two steps": 2, "iCT, one step": 1, "iCT, two steps": 2})
+    nfe.update({"sCT, one step": 1, "sCT, two steps": 2, "sCD, one step": 1, "sCD, two steps": 2})
     for label, evaluations in nfe.items():
         row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
         assert len(row) == 1, stdout
@@ -166,15 +170,16 @@ def test_quick_run_results_json(quick_run):
     assert results["config"] == cfg.as_dict()
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
-    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 3, "ict": 3}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    assert results["recipe_steps"] == {"ect": 3, "ict": 3, "sct": 3, "scd": 3}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
-    assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "edit_inpaint",
-                                        "edit_superres"} | {f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "sct_train", "scd_train",
+                                        "edit_inpaint", "edit_superres"} | {f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    assert any(a.startswith("--teacher_model_path=") for a in results["commands"]["scd_train"])
     assert "--init_from=none" in results["commands"]["ict_train"]
     assert any(a.startswith("--init_from=") and a.endswith(".pt") for a in results["commands"]["ect_train"])
     assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"

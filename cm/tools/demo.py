@@ -114,6 +114,13 @@ class DemoConfig:
     recipe_batch_size: int = 32
     recipe_ema_rate: float = 0.99
     two_step_sigmas: str = "80,0.821"
+    # sCT and sCD (the same budget): the paper's two-step t_mid 1.1 is σ = 0.5·tan 1.1 = 0.982
+    sct_steps: int = 100000  # upper bounds: the time budget stops them first
+    scd_steps: int = 100000
+    scm_lr: float = 2e-4
+    scm_warmup_steps: int = 100  # sCM's 10k of ~400k steps; the demo's runs are a few hundred steps
+    sct_dropout: float = 0.2  # sCT's CIFAR-10 value (sCD: 0)
+    scm_two_step_sigmas: str = "80,0.982"
     # sampling and evaluation
     num_samples: int = 2000  # per row; 500 left the Fréchet distance ±0.5 from seed to seed
     sample_batch_size: int = 500
@@ -151,6 +158,8 @@ def quick_config():
         ect_steps=3,
         ect_double=1,
         ict_steps=3,
+        sct_steps=3,
+        scd_steps=3,
         recipe_batch_size=8,
         num_samples=20,
         sample_batch_size=20,

@@ -29,6 +29,7 @@ class RecipeStage:
     flags: Callable  # cfg -> the stage's own cm_train.py flags (lr, recipe flags)
     dropout: Callable = lambda cfg: 0.0  # cfg -> --dropout
     two_step: Callable = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.two_step_sigmas}"]
+    start_flag: str = "init_from"  # the cm_train.py flag its start file goes to (sCD: its teacher)
 
     def __post_init__(self):
         if self.start not in STARTS:
@@ -59,13 +60,38 @@ ICT = RecipeStage(
     flags=lambda cfg: [f"--lr={cfg.ict_lr}"],
 )
 
-RECIPE_STAGES = (ECT, ICT)
+# sCM (Lu & Song 2024): sCT tuned from the teacher, sCD distilled from it (the student starts as the teacher)
+SCM_TWO_STEP = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.scm_two_step_sigmas}"]  # noqa: E731
+
+SCT = RecipeStage(
+    key="sct",
+    mode="sct",
+    label="sCT",
+    start="teacher",
+    steps=lambda cfg: cfg.sct_steps,
+    flags=lambda cfg: [f"--lr={cfg.scm_lr}", f"--tangent_warmup_steps={cfg.scm_warmup_steps}"],
+    dropout=lambda cfg: cfg.sct_dropout,
+    two_step=SCM_TWO_STEP,
+)
+
+SCD = RecipeStage(
+    key="scd",
+    mode="scd",
+    label="sCD",
+    start="teacher",
+    start_flag="teacher_model_path",
+    steps=lambda cfg: cfg.scd_steps,
+    flags=lambda cfg: [f"--lr={cfg.scm_lr}", f"--tangent_warmup_steps={cfg.scm_warmup_steps}"],
+    two_step=SCM_TWO_STEP,
+)
+
+RECIPE_STAGES = (ECT, ICT, SCT, SCD)
 
 
 def stage_train_argv(stage, cfg, data_dir, log_dir, start_path):
     """cm_train.py flags of ``stage``; ``start_path`` is the file its weights start from (unused for 'none')."""
     steps = stage.steps(cfg)
-    init = ["--init_from=none"] if stage.start == "none" else [f"--init_from={start_path}"]
+    init = ["--init_from=none"] if stage.start == "none" else [f"--{stage.start_flag}={start_path}"]
     return [
         f"--training_mode={stage.mode}",
         f"--data_dir={data_dir}",
