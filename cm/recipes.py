@@ -330,6 +330,13 @@ class Recipe:
     after_step: Optional[Callable] = None  # hook(loop) after each taken step (e.g. extra optimisers)
     prepare_student: Optional[Callable] = None  # hook(args, model) in cm_train.py after --init_from, before writing
     monitors: tuple = ()  # per-sample keys of the loss's dict the loop logs (their means) beside the loss
+    consistency_function: Optional[bool] = None  # samples in one step / edits; None: iff boundary scalings
+
+    @property
+    def is_consistency_function(self):
+        if self.consistency_function is not None:
+            return self.consistency_function
+        return self.sample_scalings == "boundary"
 
     @property
     def needs_teacher(self):
@@ -375,6 +382,7 @@ _SCM_ROW = dict(
     loss=_scm, schedule=_scm_schedule, target="online", train_scalings="edm", sample_scalings="edm",
     level_name="tangent_warmup", uses_loss_norm=False, loss_options=_SCM_FLAGS[:-1],
     prepare_student=_scm_prepare_student, monitors=("loss_unweighted", "g_norm", "logvar", "jvp_norm"),
+    consistency_function=True,  # an EDM-scaled denoiser that is a consistency function
 )
 RECIPES["sct"] = Recipe(
     "sct", teacher="unused", init_from="required", presets=_sct_presets, flags=("init_from",) + _SCM_FLAGS,
@@ -387,6 +395,8 @@ CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
 RECIPE_MODES = tuple(m for m, r in RECIPES.items() if r.init_from != "unused")  # the later recipes (ect, ict)
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
+# models that are consistency functions (one-step sampling, zero-shot editing): those and sCT/sCD
+CONSISTENCY_FUNCTION_MODES = tuple(m for m, r in RECIPES.items() if r.is_consistency_function)
 
 
 def get_recipe(training_mode):

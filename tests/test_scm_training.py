@@ -136,6 +136,14 @@ def test_sct_from_init_from_applies_the_preset_logs_and_samples(data_dir, edm_pt
         (npz,) = [f for f in os.listdir(tmp_path / f"samples_{len(sampler)}") if f.endswith(".npz")]
         images = np.load(tmp_path / f"samples_{len(sampler)}" / npz)["arr_0"]
         assert images.shape == (3, 8, 8, 3)
+    # image_edit.py takes it as a consistency function too
+    np.savez(tmp_path / "inputs.npz", images)
+    cmd = [sys.executable, "scripts/image_edit.py", *NET.split(), "--training_mode", "sct", "--task", "inpaint",
+           "--input", str(tmp_path / "inputs.npz"), "--model_path", str(ema), "--sigmas", "80,0.982",
+           "--logging_dir", str(tmp_path / "edit")]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(f.startswith("inpaint_") and f.endswith(".npz") for f in os.listdir(tmp_path / "edit"))
 
 
 BAD = {
