@@ -165,3 +165,26 @@ def test_bad_scm_input_is_one_line_and_writes_nothing(data_dir, edm_pt, tmp_path
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and BAD[name][1] in lines[0], (name, err)
         assert not (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("mode", ["sct", "scd"])
+def test_scm_from_an_nvidia_edm_pkl(tmp_path, capsys, monkeypatch, mode):
+    """sCT --init_from / sCD --teacher_model_path an EDM .pkl (DDPM++, class-conditional): flags adopted,
+    the student is the EDM network plus a zero head (lr 0)."""
+    from cm.cli import run_cli
+    from cm.formats.edm_pickle import load_edm_pickle
+    from song_helpers import EDM, image_folder, load_script
+
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
+    start = f"--init_from {pkl}" if mode == "sct" else f"--teacher_model_path {pkl}"
+    argv = (f"--training_mode {mode} {start} --lr 0 --global_batch_size 2 --total_training_steps 1 "
+            f"--save_interval 1 --data_dir {image_folder(tmp_path / 'data', 16)} --logging_dir {tmp_path / mode}")
+    try:
+        assert run_cli(load_script("cm_train").main, argv.split()) == 0, capsys.readouterr().err
+    finally:
+        logger.reset()
+    tuned = torch.load(tmp_path / mode / "model000001.pt", weights_only=True)
+    source, _ = load_edm_pickle(pkl)
+    assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())
+    assert float(tuned["logvar_linear.weight"].abs().max()) == 0.0
