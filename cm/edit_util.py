@@ -38,6 +38,7 @@ from .fileio import write_atomic
 from .image_datasets import DataError, class_ids, list_image_files
 from .random_util import get_generator
 from .recipes import CONSISTENCY_FUNCTION_MODES
+from .samplers import CHURN_DEFAULTS
 from .sample_util import (
     parse_sigmas,
     batch_indices,
@@ -82,7 +83,7 @@ EDIT_HELP = {
 
 def edit_flag_defaults():
     """image_sample.py's flags less those of other samplers (editing is multistep), plus the edit flags."""
-    unused = ("sampler", "num_samples", "clip_denoised", "s_churn", "s_tmin", "s_tmax", "s_noise")  # Heun's / always on
+    unused = ("sampler", "num_samples", "clip_denoised", *CHURN_DEFAULTS)  # Heun's / always on
     flags = {k: v for k, v in sample_flag_defaults().items() if k not in unused}
     flags.update(training_mode="consistency_distillation", batch_size=16, ts="", sigmas="")
     flags.update(input="", num_images=0, mask="center", strength=20.0, noise_sigma=0.2, num_points=8)

@@ -10,16 +10,15 @@ import argparse
 
 from .cli import UsageError
 from .formats.model_files import load_network_weights
-from .recipes import P_MEAN, P_STD, RECIPE_MODES, RECIPES, get_recipe, modes_using_flag  # noqa: F401
+from .recipes import P_MEAN, P_STD, RECIPES, get_recipe, modes_using_flag
 
 
 def recipe_flag_defaults():
-    """Flags added to cm_train.py for the recipes."""
-    return dict(
-        init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD,
-        tangent_warmup_steps=10000, scm_sigma_max=800.0, jvp="ad", g_norm_spatial_invariance=False,
-        divide_x_0_spatial_dim=False, prior_weighting=False, adam_beta2=0.999,
-    )
+    """Flags added to cm_train.py for the recipes (and those a row declares in its ``flag_defaults``)."""
+    out = dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD)
+    for row in RECIPES.values():
+        out.update(row.flag_defaults)
+    return out
 
 
 RECIPE_FLAG_HELP = {
@@ -30,16 +29,11 @@ RECIPE_FLAG_HELP = {
     "p_mean": "ect/ict/sct/scd: mean of ln t, the log-normal of noise levels the losses draw from "
     "(ECT and iCT: -1.1; sCM: -1.0)",
     "p_std": "ect/ict/sct/scd: standard deviation of ln t (ECT and iCT: 2.0; sCM: 1.4)",
-    "tangent_warmup_steps": "sct/scd: the tangent warm-up r = min(1, step/this) (0: none)",
-    "scm_sigma_max": "sct/scd: the training σ's log-normal is truncated to [0.002, this] (presets: sCT 800, sCD 80)",
-    "jvp": "sct/scd: the tangent of the network: ad (forward-mode AD, torch.func.jvp) or fd (central finite "
-    "differences, for networks or settings without forward-mode AD)",
-    "g_norm_spatial_invariance": "sct/scd (FastGen's default, not the paper's): normalise g by ‖g‖/√D + 0.1",
-    "divide_x_0_spatial_dim": "sct/scd (FastGen's default, not the paper's): divide the loss by D once more",
-    "prior_weighting": "sct/scd (FastGen's default, not the paper's): weight the loss by 1/σ",
-    "adam_beta2": "sct/scd: RAdam's β2 (sCM: 0.99; the other modes keep torch's 0.999)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
+for _row in RECIPES.values():
+    RECIPE_FLAG_HELP.update(_row.flag_help)
+
 
 def explicit_flags(parser, argv):
     """Names of the flags given on the command line (abbreviations and --k=v included)."""
@@ -67,11 +61,9 @@ FLAG_CHECKS = {
     "ect_q": (lambda v: v > 1, "must be larger than 1"),
     "p_std": (lambda v: v > 0, "must be positive"),
     "huber_c": (lambda v: v >= 0, "must be non-negative"),
-    "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
-    "scm_sigma_max": (lambda v: v > 0.002, "must be larger than σ_min 0.002"),
-    "jvp": (lambda v: v in ("ad", "fd"), "must be ad or fd"),
-    "adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
+for _row in RECIPES.values():
+    FLAG_CHECKS.update(_row.flag_checks)
 
 
 def check_recipe_args(args, explicit):
@@ -83,7 +75,7 @@ def check_recipe_args(args, explicit):
     row = get_recipe(mode)
     for flag in sorted(explicit):
         users = modes_using_flag(flag)
-        if users and mode not in users:
+        if users and flag not in row.flags:
             raise UsageError(f"--{flag} is for --training_mode {' or '.join(users)}, not {mode}")
     if row.init_from == "required" and not args.init_from:
         raise UsageError(
@@ -98,6 +90,11 @@ def check_recipe_args(args, explicit):
     for flag in row.flags:
         if flag in FLAG_CHECKS and not FLAG_CHECKS[flag][0](getattr(args, flag)):
             raise UsageError(f"--{flag} {FLAG_CHECKS[flag][1]}, got {getattr(args, flag)}")
+    if row.check_args is not None:
+        try:
+            row.check_args(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def load_init_weights(model, path, network=None):

@@ -30,13 +30,18 @@ about a mode, so neither ever compares a mode name:
   EMAs, opt), written and resumed by the loop.
 
 Adding a recipe: one pure loss in `cm.losses` (denoiser callables and tensors
-in, per-sample values out), one adapter and one row here. Extension point for
-recipes with more trainable networks (e.g. DMD2's fake score and
-discriminator with their own optimiser): ``extra_networks`` names them; the
-loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
-once (precision, DDP) into ``nets.extra`` for the loss, and saves/resumes each
-as checkpoint kind ``name``; their optimiser step is the row's
-``after_step(loop)`` hook, called after each taken step.
+in, per-sample values out), one adapter here (draw the noise levels, wrap the
+networks with `denoiser`, call the loss) and one row in `RECIPES`; its own
+flags, if any, in `cm.recipe_flags`.
+
+Extension point for recipes with more trainable networks (e.g. DMD2's fake
+score and discriminator with their own optimiser): ``extra_networks`` names
+them; the loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
+once under the chosen precision into ``nets.extra`` for the loss (gradients
+reach them through the same backward), saves and resumes each as checkpoint
+kind ``name``, and calls the row's ``after_step(loop)`` after each taken step:
+their optimiser steps there (tests/test_recipe_extension.py is a worked
+example). Not there yet: DDP for them and checkpointing their optimiser state.
 
 The schedules of iCT (Song & Dhariwal 2023, "Improved techniques for training
 consistency models") and ECT (Geng et al. 2024, "Consistency models made
@@ -157,6 +162,16 @@ class Networks:
     teacher: Optional[Callable] = None
     teacher_diffusion: object = None  # the teacher's KarrasDenoiser (EDM scalings)
     extra: dict = field(default_factory=dict)  # a row's extra_networks by name
+
+
+def denoiser(diffusion, net, model_kwargs):
+    """``net`` as the pure losses take it: (x, σ) ↦ D(x, σ) with ``diffusion``'s scalings.
+
+    What a new row's adapter passes to its loss in `cm.losses` after drawing
+    the noise levels itself (the rows below leave both to `KarrasDenoiser`'s
+    methods, the original's API).
+    """
+    return lambda x, t: diffusion.denoise(net, x, t, **model_kwargs)[1]
 
 
 def _consistency_distillation(diffusion, nets, x_start, num_scales, model_kwargs, options):
@@ -328,6 +343,15 @@ class Recipe:
     uses_loss_norm: bool = True  # the loss measures with --loss_norm (lpips loads up front)
     extra_networks: tuple = ()
     after_step: Optional[Callable] = None  # hook(loop) after each taken step (e.g. extra optimisers)
+    # build_extra_networks(args, teacher, make_network(dropout), batch_size) -> {name: module} (cm_train.py)
+    build_extra_networks: Optional[Callable] = None
+    new_optimizer: Optional[Callable] = None  # (params, lr, weight_decay) -> the student's optimiser; None: RAdam
+    lr_factor: Optional[Callable] = None  # (step, loss options) -> factor on --lr (a warm-up); None: 1
+    grad_clip_option: str = ""  # the loss option holding the student's max gradient norm; "": no clipping
+    flag_defaults: dict = field(default_factory=dict)  # cm_train.py flags the row adds, with their defaults
+    flag_help: dict = field(default_factory=dict)
+    flag_checks: dict = field(default_factory=dict)  # flag -> (test, what it must be)
+    check_args: Optional[Callable] = None  # (args) -> raises a one-line ValueError
     prepare_student: Optional[Callable] = None  # hook(args, model) in cm_train.py after --init_from, before writing
     monitors: tuple = ()  # per-sample keys of the loss's dict the loop logs (their means) beside the loss
     consistency_function: Optional[bool] = None  # samples in one step / edits; None: iff boundary scalings
@@ -346,6 +370,25 @@ class Recipe:
 _ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_per_iter")
 _ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
 _LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False)
+
+def _dmd2_schedule(args):
+    return lambda step: (0.0, step)  # no target; the level is the step (it seeds the per-sample draws)
+
+
+def _dmd2_row():
+    from . import dmd2_train as d
+
+    flags = ("init_from",) + tuple(d.FLAG_DEFAULTS)
+    return Recipe(
+        "dmd2", d.dmd2_loss, _dmd2_schedule, teacher="required", target="none", init_from="required",
+        train_scalings="boundary", sample_scalings="boundary", presets=d.presets, flags=flags,
+        loss_options=tuple(d.FLAG_DEFAULTS), level_name="generator_step", frozen_bf16_teacher=True,
+        uses_loss_norm=False, extra_networks=("dmd2_critic",), after_step=d.dmd2_after_step,
+        build_extra_networks=d.build_critic, new_optimizer=d.new_optimizer, lr_factor=d.lr_factor,
+        grad_clip_option="max_grad_norm", flag_defaults=dict(d.FLAG_DEFAULTS), flag_help=dict(d.FLAG_HELP),
+        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args,
+    )
+
 
 RECIPES = {
     r.name: r
@@ -372,13 +415,35 @@ RECIPES = {
             flags=("init_from", "huber_c", "p_mean", "p_std"), loss_options=("huber_c", "p_mean", "p_std"),
             **_LATER_ROW,
         ),
+        _dmd2_row(),
     )
 }
 _SCM_FLAGS = (
     "tangent_warmup_steps", "scm_sigma_max", "jvp", "g_norm_spatial_invariance", "divide_x_0_spatial_dim",
     "prior_weighting", "p_mean", "p_std", "adam_beta2",
 )
+_SCM_FLAG_DEFAULTS = dict(
+    tangent_warmup_steps=10000, scm_sigma_max=800.0, jvp="ad", g_norm_spatial_invariance=False,
+    divide_x_0_spatial_dim=False, prior_weighting=False, adam_beta2=0.999,
+)
+_SCM_FLAG_HELP = {
+    "tangent_warmup_steps": "sct/scd: the tangent warm-up r = min(1, step/this) (0: none)",
+    "scm_sigma_max": "sct/scd: the training σ's log-normal is truncated to [0.002, this] (presets: sCT 800, sCD 80)",
+    "jvp": "sct/scd: the tangent of the network: ad (forward-mode AD, torch.func.jvp) or fd (central finite "
+    "differences, for networks or settings without forward-mode AD)",
+    "g_norm_spatial_invariance": "sct/scd (FastGen's default, not the paper's): normalise g by ‖g‖/√D + 0.1",
+    "divide_x_0_spatial_dim": "sct/scd (FastGen's default, not the paper's): divide the loss by D once more",
+    "prior_weighting": "sct/scd (FastGen's default, not the paper's): weight the loss by 1/σ",
+    "adam_beta2": "sct/scd: RAdam's β2 (sCM: 0.99; the other modes keep torch's 0.999)",
+}
+_SCM_FLAG_CHECKS = {
+    "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
+    "scm_sigma_max": (lambda v: v > 0.002, "must be larger than σ_min 0.002"),
+    "jvp": (lambda v: v in ("ad", "fd"), "must be ad or fd"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
 _SCM_ROW = dict(
+    flag_defaults=_SCM_FLAG_DEFAULTS, flag_help=_SCM_FLAG_HELP, flag_checks=_SCM_FLAG_CHECKS,
     loss=_scm, schedule=_scm_schedule, target="online", train_scalings="edm", sample_scalings="edm",
     level_name="tangent_warmup", uses_loss_norm=False, loss_options=_SCM_FLAGS[:-1],
     prepare_student=_scm_prepare_student, monitors=("loss_unweighted", "g_norm", "logvar", "jvp_norm"),
@@ -392,7 +457,6 @@ RECIPES["scd"] = Recipe(
     "scd", teacher="required", frozen_bf16_teacher=True, presets=_scd_presets, flags=_SCM_FLAGS, **_SCM_ROW,
 )
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
-RECIPE_MODES = tuple(m for m, r in RECIPES.items() if r.init_from != "unused")  # the later recipes (ect, ict)
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
 # models that are consistency functions (one-step sampling, zero-shot editing): those and sCT/sCD

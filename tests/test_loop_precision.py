@@ -34,6 +34,22 @@ def _scm(teacher):
     return dict(model=attach_logvar_head(model), diffusion=diffusion, teacher=teacher, target_model=None,
                 ema_scale_fn=lambda step: (0.0, tangent_warmup(step, 10)), loss_options=SCM_OPTIONS)
 
+
+def dmd2_critic():
+    """dmd2's extra network: a fake score (here not a copy of the teacher) and a bottleneck GAN head."""
+    from cm.dmd2_heads import build_discriminator
+    from cm.dmd2_train import DMD2Critic
+
+    fake = build(dropout=0.0)[0]
+    return {"dmd2_critic": DMD2Critic(fake, build_discriminator("bottleneck", fake, 8), None, lr=1e-3)}
+
+
+def dmd2_options():
+    from cm.dmd2_train import FLAG_DEFAULTS
+
+    return dict(FLAG_DEFAULTS, dmd_gan=True, gan_max_step=10)
+
+
 # mode -> (loop keywords, {network: fewest calls in one step})
 SETUPS = {
     "consistency_distillation": (dict(), {"student": 1, "target": 1, "teacher": 2}),
@@ -45,6 +61,9 @@ SETUPS = {
     # the JVP pass is the one float32 call (FLOAT32_CALLS)
     "sct": (lambda: _scm(teacher=False), {"student": 1}),
     "scd": (lambda: _scm(teacher=True), {"student": 1, "teacher": 1}),
+    # the generator once, then 4 fresh samples for the critic; the fake score in the DM and GAN terms and 5 updates
+    "dmd2": (dict(target_model=None, ema_scale_fn=lambda step: (0.0, step), loss_options=dmd2_options,
+                  extra_networks=dmd2_critic), {"student": 5, "teacher": 1, "fake": 7}),
 }
 FLOAT32_CALLS = {"sct": ["student"], "scd": ["student"]}
 
@@ -64,11 +83,14 @@ def test_every_mode_has_a_setup():
 def test_bf16_runs_every_network_call_under_autocast(tmp_path, mode):
     kw, expected = SETUPS[mode]
     kw = kw() if callable(kw) else kw
+    kw = {k: v() if k in ("extra_networks", "loss_options") and callable(v) else v for k, v in kw.items()}  # fresh per test
     logger.configure(dir=str(tmp_path), format_strs=[])
     try:
         loop = cm_loop(tmp_path, mode, precision="bf16", **kw)
         calls = []
         networks = {"student": loop.model, "target": loop.target_model, "teacher": loop.teacher_model}
+        if "dmd2_critic" in loop.extra_networks:
+            networks["fake"] = loop.extra_networks["dmd2_critic"].fake
         for name, module in networks.items():
             if module is not None:
                 record_autocast(module, name, calls)
