@@ -19,6 +19,7 @@ import re
 
 from .fileio import save_atomic  # noqa: F401  (part of this module's API)
 from .formats.untrusted import UntrustedFileError, safe_text
+from .nn import attach_logvar_head, has_logvar_head
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -148,8 +149,13 @@ def load_model_state(model, state_dict, path):
 
     The error names the file, the first mismatched key and both shapes.
     Wrapper prefixes (``module.`` from DDP, ``_orig_mod.``, ...) are removed
-    first; returns the removed prefix ("" if none).
+    first; returns the removed prefix ("" if none). A state with sCM's
+    log-variance head gives a model without one the head first (the
+    checkpoint records it: `cm.nn.has_logvar_head`).
     """
+    if isinstance(state_dict, dict) and has_logvar_head(state_dict) and not has_logvar_head(model):
+        if hasattr(model, "time_features"):
+            attach_logvar_head(model)
     expected = model.state_dict()
     prefix = ""
     if isinstance(state_dict, dict):

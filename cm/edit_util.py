@@ -38,11 +38,10 @@ from .fileio import write_atomic
 from .formats.untrusted import UntrustedFileError, check_npz_file
 from .image_datasets import DataError, class_ids, list_image_files
 from .random_util import get_generator
-from .recipes import samples_with_boundary_scalings
+from .recipes import CONSISTENCY_FUNCTION_MODES
 from .samplers import CHURN_DEFAULTS
 from .sample_util import (
     parse_sigmas,
-    CONSISTENCY_MODES,
     batch_indices,
     check_common_args,
     create_argparser,
@@ -121,8 +120,10 @@ def start_schedule(start, sigmas, sigma_min):
 
 def check_edit_args(args):
     """Validate the flags; returns (σ list, class label list or None)."""
-    if not samples_with_boundary_scalings(args.training_mode):
-        raise UsageError(f"--training_mode must be one of {', '.join(CONSISTENCY_MODES)} for editing, got {args.training_mode}")
+    if args.training_mode not in CONSISTENCY_FUNCTION_MODES:
+        raise UsageError(
+            f"--training_mode must be one of {', '.join(CONSISTENCY_FUNCTION_MODES)} for editing, got {args.training_mode}"
+        )
     args.num_samples = 1  # no such flag here (the inputs set the count); check_common_args reads it
     class_labels = check_common_args(args)
     if args.num_images < 0:

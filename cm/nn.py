@@ -1,5 +1,6 @@
 """Layers and tensor helpers shared by the network and the denoiser."""
 
+import contextlib
 import math
 
 import torch
@@ -18,7 +19,8 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x):
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight is not None:
             return F.group_norm(x, self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return super().forward(x.float()).type(x.dtype)
+        # a float64 network (the JVP tests) stays float64; everything else computes in float32
+        return super().forward(x if x.dtype == torch.float64 else x.float()).type(x.dtype)
 
 
 def normalization(channels):
@@ -79,15 +81,18 @@ def append_zero(x):
     return torch.cat([x, x.new_zeros([1])])
 
 
-def timestep_embedding(timesteps, dim, max_period=10000):
-    """Sinusoidal embedding of real-valued timesteps: [cos, sin] of t·exp(−ln(P)·i/half)."""
+def timestep_embedding(timesteps, dim, max_period=10000, dtype=torch.float32):
+    """Sinusoidal embedding of real-valued timesteps: [cos, sin] of t·exp(−ln(P)·i/half).
+
+    Computed in ``dtype`` (float32, as the original; float64 for a float64 network).
+    """
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period)
-        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        * torch.arange(half, dtype=dtype, device=timesteps.device)
         / half
     )
-    args = timesteps[:, None].float() * freqs[None]
+    args = timesteps[:, None].to(dtype) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -116,3 +121,57 @@ def checkpoint(func, inputs, params, flag):
 
         return torch_checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+# ----------------------------------------------------------------------------
+# Attention under forward-mode AD
+
+_explicit_attention = [False]
+
+
+@contextlib.contextmanager
+def explicit_attention():
+    """Inside: attention layers compute softmax(q kᵀ/√d)·v by explicit products.
+
+    torch's fused CPU attention kernel (`scaled_dot_product_attention`'s flash
+    path) has no forward-mode derivative; the JVP (`cm.jvp`) runs the network
+    in this context so its attention is made of ops that have one.
+    """
+    previous = _explicit_attention[0]
+    _explicit_attention[0] = True
+    try:
+        yield
+    finally:
+        _explicit_attention[0] = previous
+
+
+def explicit_attention_active():
+    return _explicit_attention[0]
+
+
+# ----------------------------------------------------------------------------
+# sCM's adaptive-weight head (cm.trigflow): one Linear on the network's time features
+
+LOGVAR_HEAD = "logvar_linear"
+
+
+def attach_logvar_head(net):
+    """Give ``net`` the log-variance head (Linear: time features → 1), zero-initialised (ℓ = 0 at start).
+
+    ``net.time_features(timesteps)`` gives the features; the head's keys
+    ``logvar_linear.weight``/``.bias`` in a state_dict record that it has one.
+    """
+    param = next(net.parameters())
+    width = net.time_features(torch.zeros(1, device=param.device)).shape[1]
+    head = nn.Linear(width, 1, device=param.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(net, LOGVAR_HEAD, head)
+    return net
+
+
+def has_logvar_head(net_or_state):
+    """Whether a network, or a state_dict (any wrapper prefix), carries the head."""
+    if isinstance(net_or_state, nn.Module):
+        return isinstance(getattr(net_or_state, LOGVAR_HEAD, None), nn.Module)
+    return any(k.split(".")[-2:-1] == [LOGVAR_HEAD] for k in net_or_state)

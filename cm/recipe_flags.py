@@ -27,8 +27,9 @@ RECIPE_FLAG_HELP = {
     "ect_double": "ECT: optimiser steps per stage; t − r shrinks q-fold every stage (ECT's --double counts ticks "
     "of 12.8 kimg = 100 steps at batch 128: its 250 is 25000 here; its 1-hour run's 10000 is 1000000)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
-    "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
-    "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
+    "p_mean": "ect/ict/sct/scd: mean of ln t, the log-normal of noise levels the losses draw from "
+    "(ECT and iCT: -1.1; sCM: -1.0)",
+    "p_std": "ect/ict/sct/scd: standard deviation of ln t (ECT and iCT: 2.0; sCM: 1.4)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 for _row in RECIPES.values():

@@ -260,6 +260,74 @@ def _ict_presets(args):
     )
 
 
+# ----------------------------------------------------------------------------
+# sCM (Lu & Song 2024): sCT and sCD, continuous-time, in TrigFlow (cm.scm, cm.trigflow)
+
+SCM_EMA_RATE = f"{0.5 ** (512 / 500_000):.8f}"  # EMA half-life 0.5 Mimg at the preset batch 512
+
+
+def _unwrapped(net):
+    """The module under the loop's precision wrapper (the JVP runs in float32, without autocast)."""
+    return getattr(net, "model", net) if not isinstance(net, torch.nn.Module) else net
+
+
+def _scm_settings(options):
+    from .scm import ScmSettings, ScmVariant
+
+    variant = ScmVariant(
+        bool(options.get("g_norm_spatial_invariance")), bool(options.get("divide_x_0_spatial_dim")),
+        bool(options.get("prior_weighting")),
+    )
+    return ScmSettings(
+        sigma_max=options["scm_sigma_max"], warmup_steps=options["tangent_warmup_steps"], jvp=options["jvp"],
+        variant=variant, p_mean=options["p_mean"], p_std=options["p_std"],
+    )
+
+
+def _scm(diffusion, nets, x_start, r, model_kwargs, options):
+    """sCT (no teacher) or sCD: ``r`` is the tangent warm-up factor of this step (the row's level)."""
+    from .scm import scm_training_losses
+
+    return scm_training_losses(
+        nets.student, _unwrapped(nets.target), x_start, r, _scm_settings(options), teacher=nets.teacher,
+        model_kwargs=model_kwargs,
+    )
+
+
+def _scm_schedule(args):
+    """step ↦ (0, r): no EMA target (F⁻ = stopgrad F), r = min(1, step/--tangent_warmup_steps)."""
+    from .scm import tangent_warmup
+
+    return lambda step: (0.0, tangent_warmup(step, args.tangent_warmup_steps))
+
+
+def _scm_prepare_student(args, model):
+    """The sCM student: the log-variance head (kept when --init_from has one), and forward-mode AD checked."""
+    from .nn import attach_logvar_head, has_logvar_head
+    from .scm import probe_forward_ad
+
+    if not has_logvar_head(model):
+        attach_logvar_head(model)
+    if args.jvp == "ad":
+        kwargs = {"y": torch.zeros(1, dtype=torch.long)} if args.class_cond else {}
+        device = next(model.parameters()).device
+        probe_forward_ad(model, args.image_size, device, {k: v.to(device) for k, v in kwargs.items()})
+
+
+def _sct_presets(args):
+    # sCM's CIFAR-10 settings (Lu & Song 2024, Table 3; FastGen's config_sct_cifar10): RAdam 1e-4,
+    # betas (0.9, 0.99), batch 512, EMA half-life 0.5 Mimg, dropout 0.2, σ up to 800, ln σ ~ N(−1.0, 1.4²)
+    return dict(
+        lr=1e-4, adam_beta2=0.99, global_batch_size=512, ema_rate=SCM_EMA_RATE, dropout=0.2, scm_sigma_max=800.0,
+        p_mean=-1.0, p_std=1.4, random_flip=False,
+    )
+
+
+def _scd_presets(args):
+    # as sCT, with dropout 0 and σ up to EDM's 80 (FastGen's config_scd_cifar10)
+    return dict(_sct_presets(args), dropout=0.0, scm_sigma_max=80.0)
+
+
 
 
 @dataclass(frozen=True)
@@ -296,6 +364,15 @@ class Recipe:
     flag_help: dict = field(default_factory=dict)
     flag_checks: dict = field(default_factory=dict)  # flag -> (test, what it must be)
     check_args: Optional[Callable] = None  # (args) -> raises a one-line ValueError
+    prepare_student: Optional[Callable] = None  # hook(args, model) in cm_train.py after --init_from, before writing
+    monitors: tuple = ()  # per-sample keys of the loss's dict the loop logs (their means) beside the loss
+    consistency_function: Optional[bool] = None  # samples in one step / edits; None: iff boundary scalings
+
+    @property
+    def is_consistency_function(self):
+        if self.consistency_function is not None:
+            return self.consistency_function
+        return self.sample_scalings == "boundary"
 
     @property
     def needs_teacher(self):
@@ -357,9 +434,49 @@ RECIPES = {
         _dmd2_row(),
     )
 }
+_SCM_FLAGS = (
+    "tangent_warmup_steps", "scm_sigma_max", "jvp", "g_norm_spatial_invariance", "divide_x_0_spatial_dim",
+    "prior_weighting", "p_mean", "p_std", "adam_beta2",
+)
+_SCM_FLAG_DEFAULTS = dict(
+    tangent_warmup_steps=10000, scm_sigma_max=800.0, jvp="ad", g_norm_spatial_invariance=False,
+    divide_x_0_spatial_dim=False, prior_weighting=False, adam_beta2=0.999,
+)
+_SCM_FLAG_HELP = {
+    "tangent_warmup_steps": "sct/scd: the tangent warm-up r = min(1, step/this) (0: none)",
+    "scm_sigma_max": "sct/scd: the training σ's log-normal is truncated to [0.002, this] (presets: sCT 800, sCD 80)",
+    "jvp": "sct/scd: the tangent of the network: ad (forward-mode AD, torch.func.jvp) or fd (central finite "
+    "differences, for networks or settings without forward-mode AD)",
+    "g_norm_spatial_invariance": "sct/scd (FastGen's default, not the paper's): normalise g by ‖g‖/√D + 0.1",
+    "divide_x_0_spatial_dim": "sct/scd (FastGen's default, not the paper's): divide the loss by D once more",
+    "prior_weighting": "sct/scd (FastGen's default, not the paper's): weight the loss by 1/σ",
+    "adam_beta2": "sct/scd: RAdam's β2 (sCM: 0.99; the other modes keep torch's 0.999)",
+}
+_SCM_FLAG_CHECKS = {
+    "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
+    "scm_sigma_max": (lambda v: v > 0.002, "must be larger than σ_min 0.002"),
+    "jvp": (lambda v: v in ("ad", "fd"), "must be ad or fd"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+_SCM_ROW = dict(
+    flag_defaults=_SCM_FLAG_DEFAULTS, flag_help=_SCM_FLAG_HELP, flag_checks=_SCM_FLAG_CHECKS,
+    loss=_scm, schedule=_scm_schedule, target="online", train_scalings="edm", sample_scalings="edm",
+    level_name="tangent_warmup", uses_loss_norm=False, loss_options=_SCM_FLAGS[:-1],
+    prepare_student=_scm_prepare_student, monitors=("loss_unweighted", "g_norm", "logvar", "jvp_norm"),
+    consistency_function=True,  # an EDM-scaled denoiser that is a consistency function
+)
+RECIPES["sct"] = Recipe(
+    "sct", teacher="unused", init_from="required", presets=_sct_presets, flags=("init_from",) + _SCM_FLAGS,
+    **_SCM_ROW,
+)
+RECIPES["scd"] = Recipe(
+    "scd", teacher="required", frozen_bf16_teacher=True, presets=_scd_presets, flags=_SCM_FLAGS, **_SCM_ROW,
+)
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
+# models that are consistency functions (one-step sampling, zero-shot editing): those and sCT/sCD
+CONSISTENCY_FUNCTION_MODES = tuple(m for m, r in RECIPES.items() if r.is_consistency_function)
 
 
 def get_recipe(training_mode):

@@ -144,7 +144,8 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, c):
         half = self.num_channels // 2
-        freqs = (1 / self.max_positions) ** (torch.arange(half, dtype=torch.float32, device=c.device) / (half - 1))
+        dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
+        freqs = (1 / self.max_positions) ** (torch.arange(half, dtype=dtype, device=c.device) / (half - 1))
         arg = torch.outer(c, freqs.to(c.dtype))
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
@@ -207,7 +208,8 @@ class UNetBlock(nn.Module):
         n, c, height, width = x.shape
         # qkv channels are laid out (C, 3): channel c of q, k, v is output 3c, 3c+1, 3c+2
         q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, height * width).unbind(2)
-        w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2).to(q.dtype)
+        wide = torch.promote_types(q.dtype, torch.float32)  # float32 softmax (float64 in a float64 network)
+        w = torch.einsum("ncq,nck->nqk", q.to(wide), k.to(wide) / math.sqrt(c)).softmax(dim=2).to(q.dtype)
         a = torch.einsum("nqk,nck->ncq", w, v)
         return self.proj(a.reshape(n, c, height, width))
 
@@ -326,6 +328,15 @@ class SongUNet(nn.Module):
         self.dec.float()
         self.dtype = torch.float32
 
+    def time_dtype(self):
+        """float32 for the time path (EDM's), float64 in a float64 network."""
+        return torch.float64 if self.map_layer0.weight.dtype == torch.float64 else torch.float32
+
+    def time_features(self, timesteps):
+        """The noise embedding of c_noise = timesteps/1000 **before** the sin/cos swap, i.e.
+        [cos(c·f), sin(c·f)]: where FastGen's sCM log-variance head reads it."""
+        return self.map_noise(timesteps.to(self.time_dtype()) / 1000)
+
     def embed(self, c_noise, class_labels=None, augment_labels=None):
         """The mapping network: emb from c_noise, one-hot labels and augment labels."""
         emb = self.map_noise(c_noise)
@@ -362,7 +373,7 @@ class SongUNet(nn.Module):
         (highest resolution first; the last one is the bottleneck).
         """
         features = []
-        emb = self.embed(c_noise.float().reshape(-1), class_labels, augment_labels)
+        emb = self.embed(c_noise.to(self.time_dtype()).reshape(-1), class_labels, augment_labels)
         out_dtype = x.dtype
         x = x.to(self.dtype)
         skips = []
@@ -401,7 +412,7 @@ class SongUNet(nn.Module):
 
     def forward(self, x, timesteps, y=None, augment_labels=None, return_features=False):
         """Apply to an NCHW batch; ``timesteps`` = 250·ln σ, ``y`` integer labels."""
-        c_noise = timesteps.to(torch.float32) / 1000  # ln(σ)/4
+        c_noise = timesteps.to(self.time_dtype()) / 1000  # ln(σ)/4
         labels = self.one_hot(y, x.shape[0], x.device)
         return self.forward_edm(x, c_noise, labels, augment_labels, return_features)
 

@@ -49,7 +49,7 @@ from .checkpoint import load_model_state
 from .checkpoint_set import CheckpointSet, float_copies
 from .cli import on_all_ranks, parse_ema_rates  # noqa: F401  (parse_ema_rates: re-exported)
 from .fp16_util import MixedPrecisionTrainer, master_params_to_model_params, master_params_to_state_dict
-from .nn import update_ema
+from .nn import LOGVAR_HEAD, has_logvar_head, update_ema
 from .precision import resolve_precision, wrap as precision_wrap
 from .random_util import SEED_STEP, derived_seed, seed_all  # noqa: F401  (derived_seed, seed_all: re-exported)
 from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
@@ -117,6 +117,7 @@ class TrainLoop(CheckpointSet):
         precision=None,
         max_bad_steps=20,
         run_flags=None,
+        adam_betas=(0.9, 0.999),
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -135,6 +136,7 @@ class TrainLoop(CheckpointSet):
         self.save_interval = save_interval
         self.schedule_sampler = schedule_sampler or LogNormalSampler()
         self.weight_decay = weight_decay
+        self.adam_betas = tuple(adam_betas)
         self.lr_anneal_steps = lr_anneal_steps
         self.total_training_steps = total_training_steps
         self.logging_dir = logging_dir or None
@@ -423,7 +425,12 @@ class CMTrainLoop(TrainLoop):
 
     def _initial_weights(self):
         if self.teacher_model is not None and not self.resume_checkpoint:
-            load_model_state(self.model, self.teacher_model.state_dict(), "the teacher model")
+            state = self.teacher_model.state_dict()
+            if has_logvar_head(self.model) and not has_logvar_head(state):
+                # an sCM student keeps its own (fresh) log-variance head: the teacher has none
+                own = self.model.state_dict()
+                state = {**state, **{k: v for k, v in own.items() if k.startswith(LOGVAR_HEAD + ".")}}
+            load_model_state(self.model, state, "the teacher model")
 
     def _setup_networks(self):
         if self.target_model is not None:
@@ -517,6 +524,8 @@ class CMTrainLoop(TrainLoop):
                 losses = self.recipe.loss(self.diffusion, self.nets, batch[part], level, micro_cond, self.loss_options)
                 self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
+            for key in self.recipe.monitors:
+                logger.logkv_mean(key, losses[key].detach().float().mean().item())
             if "r" in losses:  # a pair of levels (t, r) per sample
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())

@@ -15,6 +15,7 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    explicit_attention_active,
     linear,
     normalization,
     timestep_embedding,
@@ -185,6 +186,9 @@ class QKVAttention(nn.Module):
         q, k, v = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(-1, -2).unbind(1)
         if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":
             out = _bf16_cpu_attention(q, k, v)
+        elif explicit_attention_active():  # forward-mode AD (cm.jvp): no fused kernel
+            weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).softmax(dim=-1)
+            out = torch.matmul(weights, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(-1, -2).reshape(bs, self.n_heads * ch, length)
@@ -393,6 +397,11 @@ class UNetModel(nn.Module):
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
 
+    def time_features(self, timesteps):
+        """The sinusoidal features of the time input (before ``time_embed``; sCM's logvar head reads them)."""
+        wide = self.time_embed[0].weight.dtype == torch.float64  # a float64 network stays float64
+        return timestep_embedding(timesteps, self.model_channels, dtype=torch.float64 if wide else torch.float32)
+
     def forward(self, x, timesteps, y=None, return_features=False):
         """Apply the model to an NCHW batch.
 
@@ -404,7 +413,7 @@ class UNetModel(nn.Module):
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(self.time_features(timesteps))
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

@@ -111,6 +111,8 @@ def main(argv=None):
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
+    if row.prepare_student is not None:  # e.g. sCM's log-variance head and its forward-mode AD check
+        row.prepare_student(args, model)
     if args.loss_norm == "lpips" and row.uses_loss_norm:
         diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
 
@@ -144,11 +146,15 @@ def main(argv=None):
         training_mode=args.training_mode,
         ema_scale_fn=ema_scale_fn,
         loss_options={flag: getattr(args, flag) for flag in row.loss_options},
+        adam_betas=(0.9, args.adam_beta2),
         extra_networks=extra_networks,
         **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )
     preset_note = preset and f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset)
-    return start_run(loop, args, log_dir, [batch_note, preset_note, augment_note, kept_note], args.training_mode)
+    jvp_note = "jvp" in row.flags and "tangent J by " + (
+        "forward-mode AD (torch.func.jvp)" if args.jvp == "ad" else "central finite differences (--jvp fd)"
+    )
+    return start_run(loop, args, log_dir, [batch_note, preset_note, augment_note, kept_note, jvp_note], args.training_mode)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

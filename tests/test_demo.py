@@ -22,7 +22,8 @@ from cm.tools import demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep",
-            "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep")
+            "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep",
+            "sct_onestep", "sct_twostep", "scd_onestep", "scd_twostep")
 
 
 # ----------------------------------------------------------------------------
@@ -90,7 +91,9 @@ def test_sampler_evaluation_counts():
     recipes = [(name, nfe, mode) for name, _, nfe, mode, _ in demo.recipe_samplers(cfg)]
     assert recipes == [("ect_onestep", 1, "ect"), ("ect_twostep", 2, "ect"), ("ict_onestep", 1, "ict"),
                        ("ict_twostep", 2, "ict"), ("dmd2_onestep", 1, "dmd2"), ("dmd2_twostep", 2, "dmd2"),
-                       ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2")]
+                       ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2"),
+                       ("sct_onestep", 1, "sct"), ("sct_twostep", 2, "sct"),
+                       ("scd_onestep", 1, "scd"), ("scd_twostep", 2, "scd")]
 
 
 def test_recipe_stages_get_cd_training_compute_in_counted_passes():
@@ -159,13 +162,14 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    quick_steps = {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1}  # CD's 4 steps × 8 images × 6 passes, see below
-    for mode in ("ect", "ict"):
+    quick_steps = {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1, "sct": 5, "scd": 4}  # CD's 4 × 8 × 6, see below
+    for mode in ("ect", "ict", "sct", "scd"):
         assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
     for mode in ("dmd2", "dmd2_gan"):
         assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
         assert (out / mode / f"dmd2_critic{quick_steps[mode]:06d}.pt").is_file()
     for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train",
+                "sct_train", "scd_train",
                 *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
@@ -176,6 +180,7 @@ def test_quick_run_prints_the_table(quick_run):
     nfe.update({"ECT, one step": 1, "ECT, two steps": 2, "iCT, one step": 1, "iCT, two steps": 2})
     nfe.update({"CD + DMD2, one step": 1, "CD + DMD2, two steps": 2, "CD + DMD2 + GAN, one step": 1,
                 "CD + DMD2 + GAN, two steps": 2})
+    nfe.update({"sCT, one step": 1, "sCT, two steps": 2, "sCD, one step": 1, "sCD, two steps": 2})
     for label, evaluations in nfe.items():
         row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
         assert len(row) == 1, stdout
@@ -193,17 +198,19 @@ def test_quick_run_results_json(quick_run):
     assert results["config"] == cfg.as_dict()
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
-    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
-    # CD's 4 × 8 × 6 = 192 passes: ECT/iCT 4 per image (6 steps of 8), DMD2 at R = 2: 12 (2 steps), 27 with GAN (1)
-    assert results["recipe_steps"] == {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1] + [1, 2] * ((len(SAMPLERS) - 1) // 2)
+    # CD's 4 × 8 × 6 = 192 passes: ECT/iCT 4 per image (6 steps of 8), DMD2 at R = 2: 12 (2 steps), 27 with GAN (1),
+    # sCT 5 (5 steps), sCD 6 (4 steps)
+    assert results["recipe_steps"] == {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1, "sct": 5, "scd": 4}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
     assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train",
-                                        "dmd2_gan_train", "edit_inpaint", "edit_superres"} | {
-        f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+                                        "dmd2_gan_train", "sct_train", "scd_train", "edit_inpaint",
+                                        "edit_superres"} | {f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    assert any(a.startswith("--teacher_model_path=") and "/edm/" in a for a in results["commands"]["scd_train"])
     for key in ("dmd2_train", "dmd2_gan_train"):  # the CD model tuned, the teacher as the real score
         cmd = results["commands"][key]
         assert any(a.startswith("--init_from=") and "/cd/" in a for a in cmd)

@@ -1,10 +1,15 @@
-"""Throughput of the four hot loops, in images per second, with peak memory.
+"""Throughput of the hot loops, in images per second, with peak memory.
 
 * ``edm_train``: one EDM training step of `cm.train_util.TrainLoop` (log-normal
   σ, forward, backward, RAdam, EMA update);
 * ``cd_train``: one consistency-distillation step of `CMTrainLoop` (teacher
   Heun step = 2 teacher evaluations, target evaluation, student forward and
   backward, RAdam, EMA and target-EMA updates);
+* ``ect_train``: one ECT step (student forward and backward, the r-call of the
+  online network under no_grad, RAdam, EMA);
+* ``sct_train`` / ``scd_train``: one sCT / sCD step past the tangent warm-up
+  (student forward and backward, the forward-mode JVP of the student in
+  float32, for sCD one teacher evaluation, RAdam, EMA);
 * ``onestep``: one-step consistency sampling (`karras_sample`, sampler onestep);
 * ``heun_step``: one step of the Heun sampler between two adjacent levels of an
   18-level schedule (2 evaluations; a whole 18-step sample costs 17.5 of them).

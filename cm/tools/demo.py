@@ -103,7 +103,7 @@ class DemoConfig:
     start_ema: float = 0.95
     loss_norm: str = "l2"
     # every recipe stage (cm/tools/demo_recipes.py) gets the CD stage's training compute in counted passes
-    recipe_steps: int = 0  # 0: from that budget (ECT, iCT 1200; DMD2 200, with GAN 84 at these sizes); > 0: this many
+    recipe_steps: int = 0  # 0: from that budget (ECT, iCT 1200; DMD2 200, with GAN 84; sCT 960, sCD 800); > 0: this many
     # ECT (tuned from the teacher) and iCT (from scratch)
     ect_lr: float = 2e-4
     ect_double: int = 400  # three whole stages in the budget's 1200 steps (ECT: 8 stages in 200k steps)
@@ -119,6 +119,11 @@ class DemoConfig:
     recipe_batch_size: int = 32
     recipe_ema_rate: float = 0.99
     two_step_sigmas: str = "80,0.821"
+    # sCT and sCD (the same counted budget): the paper's two-step t_mid 1.1 is σ = 0.5·tan 1.1 = 0.982
+    scm_lr: float = 2e-4
+    scm_warmup_steps: int = 100  # sCM's 10k of ~400k steps; the demo's runs are a few hundred steps
+    sct_dropout: float = 0.2  # sCT's CIFAR-10 value (sCD: 0)
+    scm_two_step_sigmas: str = "80,0.982"
     # sampling and evaluation
     num_samples: int = 2000  # per row; 500 left the Fréchet distance ±0.5 from seed to seed
     sample_batch_size: int = 500

@@ -43,6 +43,7 @@ class RecipeStage:
     dropout: Callable = lambda cfg: 0.0  # cfg -> --dropout
     teacher: bool = False  # also pass the EDM teacher's EMA file as --teacher_model_path (DMD2's real score)
     two_step: Callable = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.two_step_sigmas}"]
+    start_flag: str = "init_from"  # the cm_train.py flag its start file goes to (sCD: its teacher)
 
     def __post_init__(self):
         if self.start not in STARTS:
@@ -98,6 +99,30 @@ ICT = RecipeStage(
     flags=lambda cfg: [f"--lr={cfg.ict_lr}"],
 )
 
+# sCM (Lu & Song 2024): sCT tuned from the teacher, sCD distilled from it (the student starts as the teacher)
+SCM_TWO_STEP = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.scm_two_step_sigmas}"]  # noqa: E731
+
+SCT = RecipeStage(
+    key="sct",
+    mode="sct",
+    label="sCT",
+    start="teacher",
+    passes_per_image=passes(forward=3, backward=1),  # training pass forward + backward, the JVP (two forwards)
+    flags=lambda cfg: [f"--lr={cfg.scm_lr}", f"--tangent_warmup_steps={cfg.scm_warmup_steps}"],
+    dropout=lambda cfg: cfg.sct_dropout,
+    two_step=SCM_TWO_STEP,
+)
+
+SCD = RecipeStage(
+    key="scd",
+    mode="scd",
+    label="sCD",
+    start="teacher",
+    start_flag="teacher_model_path",
+    passes_per_image=passes(forward=4, backward=1),  # as sCT, and the teacher's forward for dx/dt
+    flags=lambda cfg: [f"--lr={cfg.scm_lr}", f"--tangent_warmup_steps={cfg.scm_warmup_steps}"],
+    two_step=SCM_TWO_STEP,
+)
 
 
 def _dmd2_flags(gan):
@@ -148,7 +173,7 @@ DMD2_GAN = RecipeStage(
     teacher=True,
 )
 
-RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN)
+RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN, SCT, SCD)
 
 
 def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=None):
@@ -157,7 +182,7 @@ def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=Non
     ``teacher_path``: the EDM teacher's file, passed when the stage has ``teacher``.
     """
     steps = budget_steps(stage, cfg)  # also iCT's K of its N(k) doubling schedule
-    init = ["--init_from=none"] if stage.start == "none" else [f"--init_from={start_path}"]
+    init = ["--init_from=none"] if stage.start == "none" else [f"--{stage.start_flag}={start_path}"]
     if stage.teacher:
         init.append(f"--teacher_model_path={teacher_path}")
     return [
