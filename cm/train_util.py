@@ -81,6 +81,7 @@ from . import recipes
 from .recipes import RECIPE_MODES  # iCT/ECT: the online network under no_grad is the target
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
+from .train_eval import grid_filename
 
 # Debug switch: with several processes, train WITHOUT DistributedDataParallel
 # (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
@@ -416,6 +417,7 @@ class TrainLoop:
         precision=None,
         max_bad_steps=20,
         run_flags=None,
+        evaluator=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -446,6 +448,8 @@ class TrainLoop:
         self.bad_steps = faults.BadStepGuard(max_bad_steps)
         self._nan_steps = faults.injected_nan_steps()
         self.run_flags = run_flags
+        self.evaluator = evaluator  # cm.train_eval.TrainingEvaluator: FID every N steps, grids at checkpoints
+        self._evaluated_step = None
         self._weights_only = False  # resumed from a file that is not modelNNNNNN.pt
 
         # bf16: autocast network calls over float32 weights (cm.precision); None = from use_fp16
@@ -612,6 +616,8 @@ class TrainLoop:
                 batch, cond = on_all_ranks(lambda: next(self.data))
                 self.run_step(batch, cond)
                 if self.step != before:
+                    if self.evaluator is not None and self.evaluator.due(self.step, self.finished()):
+                        self.evaluate()
                     # no periodic save amid non-finite steps: the last good set stays the newest
                     due = self.save_interval > 0 and self.step % self.save_interval == 0
                     if due and not self.bad_steps.in_a_row:
@@ -622,10 +628,30 @@ class TrainLoop:
                 if stop.requested():
                     logger.log(f"SIGTERM received: stopping after step {self.step}")
                     break
+        if self.evaluator is not None and self.evaluator.interval and self.step not in (start, self._evaluated_step):
+            self.evaluate()  # stopped early: the end's evaluation
+            logged = None
         if self.step != logged:
             logger.dumpkvs()
         if self.step != start and self._saved_step != self.step:
             self.save()
+
+    def _ema_states(self):
+        """{rate: () ↦ the EMA weights as a model state_dict} (built only when asked for)."""
+        return {
+            rate: (lambda params=params: self.mp_trainer.master_params_to_state_dict(params))
+            for rate, params in zip(self.ema_rate, self.ema_params)
+        }
+
+    def evaluate(self):
+        """The evaluator's FID of the EMA network(s) now, logged with this step's values."""
+        metrics = self.evaluator.evaluate(self.step, self._ema_states())
+        for key, value in metrics.items():
+            logger.logkv(key, value)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("fid_"))
+        logger.log(f"evaluation after {self.step} steps: {shown} ({metrics['eval_seconds']:.1f} s)")
+        self._evaluated_step = self.step
+        return metrics
 
     def _seed_step(self):
         if self.seed is not None:
@@ -787,6 +813,9 @@ class TrainLoop:
         self._saved_step = self.step
         if directory is not None:
             self._last_checkpoint = os.path.join(directory, checkpoint_filename("model", self.step))
+            if self.evaluator is not None:  # the fixed-seed grid beside the checkpoint
+                path = os.path.join(directory, grid_filename(self.step))
+                on_all_ranks(lambda: self.evaluator.write_grid(path, self._ema_states()))
 
 
 # ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ flags you do not give (cm/recipe_flags.py). Launch plainly, with
 args.json go to --logging_dir.
 """
 
+import copy
 import os
 import sys
 
@@ -42,10 +43,12 @@ from cm.script_util import (
     model_and_diffusion_kwargs,
     train_defaults,
 )
+from cm.train_eval import EVAL_HELP, build_evaluator, eval_flag_defaults
 from cm.train_util import (
     CM_TRAINING_MODES,
     CMTrainLoop,
     load_training_data,
+    parse_ema_rates,
     per_rank_batch_size,
 )
 
@@ -65,8 +68,9 @@ def create_argparser():
     defaults.update(cm_train_defaults())
     defaults.update(lpips_path="", seed=0, random_flip=True)
     defaults.update(recipe_flag_defaults())
+    defaults.update(eval_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP})
+    add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP, **EVAL_HELP})
     add_speed_flags(parser)
     return parser
 
@@ -123,6 +127,7 @@ def main(argv=None):
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
+    eval_net = copy.deepcopy(model)  # the evaluator samples its own copy, loaded with the EMA weights
     if args.loss_norm == "lpips" and args.training_mode not in RECIPE_MODES:
         diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
 
@@ -138,7 +143,7 @@ def main(argv=None):
         target_model, _ = create_model_and_diffusion(**model_kwargs)
         target_model.to(dist_util.dev())
 
-    for net in (model, teacher_model, target_model):
+    for net in (model, teacher_model, target_model, eval_net):
         if net is not None:
             prepare_from_args(net, args, dist_util.dev().type)
 
@@ -154,7 +159,11 @@ def main(argv=None):
             random_flip=args.random_flip,
         )
     )
+    evaluator = build_evaluator(
+        args, eval_net, diffusion, args.training_mode, parse_ema_rates(args.ema_rate), device=dist_util.dev()
+    )
     loop = CMTrainLoop(
+        evaluator=evaluator,
         model=model,
         target_model=target_model,
         teacher_model=teacher_model,

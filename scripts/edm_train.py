@@ -4,6 +4,7 @@ Launch plainly, with `mpiexec -n K`, or with `torchrun --nproc_per_node K`.
 Checkpoints, log.txt, progress.csv and args.json go to --logging_dir.
 """
 
+import copy
 import os
 import sys
 
@@ -25,7 +26,8 @@ from cm.script_util import (
 )
 from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
-from cm.train_util import TrainLoop, load_training_data, per_rank_batch_size
+from cm.train_eval import EVAL_HELP, build_evaluator, eval_flag_defaults
+from cm.train_util import TrainLoop, load_training_data, parse_ema_rates, per_rank_batch_size
 
 HELP = {
     "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
@@ -41,8 +43,9 @@ def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
     defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0, random_flip=True)
+    defaults.update(eval_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    add_dict_to_argparser(parser, defaults, help=HELP)
+    add_dict_to_argparser(parser, defaults, help={**HELP, **EVAL_HELP})
     add_speed_flags(parser)
     return parser
 
@@ -63,7 +66,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
     model.to(dist_util.dev())
-    prepare_from_args(model, args, dist_util.dev().type)
+    eval_net = copy.deepcopy(model)  # the evaluator samples its own copy, loaded with the EMA weights
+    for net in (model, eval_net):
+        prepare_from_args(net, args, dist_util.dev().type)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     # each rank checks its own shard: agree on failure before the next collective
     data = on_all_ranks(
@@ -77,7 +82,9 @@ def main(argv=None):
             random_flip=args.random_flip,
         )
     )
+    evaluator = build_evaluator(args, eval_net, diffusion, "edm", parse_ema_rates(args.ema_rate), device=dist_util.dev())
     loop = TrainLoop(
+        evaluator=evaluator,
         model=model,
         diffusion=diffusion,
         data=data,
