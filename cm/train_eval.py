@@ -66,6 +66,8 @@ EVAL_HELP = {
     "eval_ref": "FID reference: stats .npz (mu, sigma; prepare_cifar10.py writes one) or .npz of real images arr_0",
     "inception_path": "pytorch-fid's pt_inception-2015-12-05-6726825d.pth for --eval_interval (empty: "
     "$CM_INCEPTION_PATH)",
+    "grid_samples": "samples in the fixed-seed grid samples_<step>.png written at each checkpoint, with the "
+    "first --eval_ema rate and the first sampler (0: no grid)",
     "eval_features": "TorchScript feature network for the evaluation instead of the Inception: float NCHW "
     "images in [-1, 1] to [N, d] features (the digits demo passes its classifier's)",
 }
@@ -82,6 +84,7 @@ def eval_flag_defaults():
         eval_ref="",
         inception_path="",
         eval_features="",
+        grid_samples=GRID_SAMPLES,
     )
 
 
@@ -346,6 +349,8 @@ def build_evaluator(args, network, diffusion, training_mode, ema_rates, features
             raise UsageError(f"--eval_ema must be one of the --ema_rate values, got {args.eval_ema!r}") from None
         if ema not in ema_rates:
             raise UsageError(f"--eval_ema {args.eval_ema} is not one of the --ema_rate values {list(ema_rates)}")
+    if args.grid_samples < 0:
+        raise UsageError(f"--grid_samples must be 0 (no grid) or positive, got {args.grid_samples}")
     if args.eval_steps < 1:
         raise UsageError(f"--eval_steps must be positive, got {args.eval_steps}")
     ref_stats = None
@@ -374,4 +379,5 @@ def build_evaluator(args, network, diffusion, training_mode, ema_rates, features
         ref_stats=ref_stats,
         ema=ema,
         precision=getattr(args, "precision", None),
+        grid_samples=args.grid_samples,
     )

@@ -813,7 +813,7 @@ class TrainLoop:
         self._saved_step = self.step
         if directory is not None:
             self._last_checkpoint = os.path.join(directory, checkpoint_filename("model", self.step))
-            if self.evaluator is not None:  # the fixed-seed grid beside the checkpoint
+            if self.evaluator is not None and self.evaluator.grid_samples:  # the fixed-seed grid beside it
                 path = os.path.join(directory, grid_filename(self.step))
                 on_all_ranks(lambda: self.evaluator.write_grid(path, self._ema_states()))
 

@@ -186,13 +186,20 @@ def test_reference_statistics_from_images_and_from_stats(data, feature_net, tmp_
 # The scripts
 
 
-def test_evaluation_changes_nothing_in_training(data, feature_net, tmp_path):
-    """CT with dropout: progress.csv (minus fid_/eval_ columns) and every .pt identical with and without FID."""
+@pytest.fixture(scope="module")
+def ct_runs(data, feature_net, tmp_path_factory):
+    """The same CT run (dropout 0.1) without and with --eval_interval 3: (plain dir, evaluated dir)."""
     base = f"{SMALL} {CT} --data_dir {data / 'train'} --total_training_steps 4 --save_interval 2"
-    plain, evald = tmp_path / "plain", tmp_path / "eval"
+    plain, evald = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("eval")
     ok(run(script("cm_train.py", f"{base} --logging_dir {plain}")))
     ok(run(script("cm_train.py", f"{base} --logging_dir {evald} --eval_interval 3 --eval_num_samples 6 "
                   f"--eval_batch_size 4 --eval_ema 0.9 --eval_ref {data / 'ref.npz'} --eval_features {feature_net}")))
+    return plain, evald
+
+
+def test_evaluation_changes_nothing_in_training(ct_runs):
+    """CT with dropout: progress.csv (minus fid_/eval_ columns) and every .pt identical with and without FID."""
+    plain, evald = ct_runs
     assert progress_rows(plain) == progress_rows(evald) and len(progress_rows(plain)) == 4
     rows = progress_rows(evald, drop_eval=False)
     # at step 3 and at the end (4): one step + two step samplers of the one EMA rate asked for
@@ -279,3 +286,48 @@ def test_setup_failures_are_one_line_at_start_up(data, feature_net, tmp_path, ex
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr and message in lines[0], proc.stderr
     assert not log_dir.exists()
+
+
+# ----------------------------------------------------------------------------
+# scripts/plot_progress.py
+
+
+def test_smooth_is_a_debiased_moving_average():
+    from cm.progress_plot import smooth
+
+    np.testing.assert_allclose(smooth(np.full(50, 3.0)), 3.0)  # debiased: no ramp up from 0
+    y = smooth(np.array([1.0, np.nan, 1.0, 5.0]), span=1.0)
+    assert y[0] == 1.0 and y[1] == 1.0 and 1.0 < y[3] < 5.0
+
+
+def test_plot_progress_draws_every_panel_of_real_runs(ct_runs, tmp_path):
+    pytest.importorskip("matplotlib")  # the [plot] extra (in [test] too)
+    from cm.progress_plot import write_progress_plot
+
+    plain, evald = ct_runs
+    out = tmp_path / "plot.png"
+    boxes = write_progress_plot([evald, plain], out, names=["with eval", "without"])
+    assert len(boxes) == 6 and any(t.startswith("FID") for t in boxes)
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert image.shape == (3 * 360, 2 * 640, 3)
+    for title, (x0, y0, x1, y1) in boxes.items():
+        panel = image[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2]
+        coloured = (panel.max(-1) - panel.min(-1)) > 60  # lines are coloured, frame and text grey
+        assert coloured.sum() > 30, title
+    # a folder without progress.csv: one line, no PNG
+    proc = run([os.path.join(SCRIPTS, "plot_progress.py"), str(evald), str(tmp_path), "--out", str(tmp_path / "x.png")])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "no progress.csv" in lines[0] and str(tmp_path) in lines[0]
+    assert not (tmp_path / "x.png").exists()
+    # the script itself on both runs
+    ok(run([os.path.join(SCRIPTS, "plot_progress.py"), str(evald), str(plain), "--out", str(tmp_path / "y.png")]))
+    assert Image.open(tmp_path / "y.png").size == (1280, 1080)
+
+
+def test_training_scripts_do_not_import_matplotlib():
+    for name in ("edm_train.py", "cm_train.py"):
+        probe = (f"import sys, importlib.util; spec = importlib.util.spec_from_file_location('s', {os.path.join(SCRIPTS, name)!r}); "
+                 "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+                 "import cm.train_util, cm.train_eval; print('matplotlib' in sys.modules)")
+        proc = ok(run(["-c", probe]))
+        assert proc.stdout.strip() == "False", name
