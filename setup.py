@@ -4,7 +4,7 @@ setup(
     name="consistency-models",
     version="0.1.0",
     description="EDM diffusion teachers and consistency models for CIFAR-10 (PyTorch)",
-    packages=["cm"],
+    packages=["cm", "cm.formats", "cm.metrics", "cm.tools"],
     python_requires=">=3.9",
     install_requires=[
         "torch",

@@ -103,7 +103,7 @@ class KarrasDenoiser:
     def lpips_loss(self):
         """The LPIPS network, loaded from local weights on first use."""
         if self._lpips is None:
-            from .lpips import load_lpips
+            from .metrics.lpips import load_lpips
 
             self._lpips = load_lpips(self.lpips_path)
         return self._lpips

@@ -8,7 +8,7 @@ their defaults untouched.
 import argparse
 
 from .cli import UsageError
-from .model_files import load_network_weights
+from .formats.model_files import load_network_weights
 from .recipes import P_MEAN, P_STD, RECIPE_MODES, pseudo_huber_c
 
 
@@ -96,7 +96,7 @@ def load_init_weights(model, path, network=None):
     ``.pt``: a state_dict (a model/EMA file of any of our runs); the network
     flags must describe the same network, else a one-line CheckpointError.
     A self-describing file (an EDM/ECT ``.pkl``, a JAX checkpoint; see
-    `cm.model_files`) comes as ``network`` = (model, flags) from
+    `cm.formats.model_files`) comes as ``network`` = (model, flags) from
     ``adopt_network_flags``, which has already set the network flags from it.
     """
     if path in ("", "none"):

@@ -10,8 +10,8 @@ statistics.
 import torch.distributed as dist
 
 from . import dist_util
-from .evaluation import EvaluationError, compute_activations, feature_stats, frechet_distance, reference_stats
-from .inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
+from .metrics.evaluation import EvaluationError, compute_activations, feature_stats, frechet_distance, reference_stats
+from .metrics.inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
 from .cli import UsageError
 from .sample_util import sample_images
 

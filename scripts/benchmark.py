@@ -16,7 +16,7 @@ try:
 except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm.benchmark import create_argparser, format_table, resolve, run_benchmarks
+from cm.tools.benchmark import create_argparser, format_table, resolve, run_benchmarks
 
 
 def main(argv=None):

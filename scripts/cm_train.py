@@ -22,7 +22,7 @@ import torch
 
 from cm import dist_util, logger
 from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
-from cm.model_files import adopt_network_flags, load_network_weights
+from cm.formats.model_files import adopt_network_flags, load_network_weights
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,

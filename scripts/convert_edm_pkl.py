@@ -19,9 +19,9 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm.cli import OneLineArgumentParser, UsageError, run_cli
-from cm.edm_pickle import load_edm_pickle
+from cm.formats.edm_pickle import load_edm_pickle
 from cm.fileio import save_atomic, write_atomic
-from cm.model_files import STRUCTURE_FLAGS
+from cm.formats.model_files import STRUCTURE_FLAGS
 
 
 def flags_path(out):

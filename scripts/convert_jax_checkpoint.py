@@ -14,7 +14,7 @@ import sys
 
 from cm.cli import OneLineArgumentParser, UsageError, run_cli
 from cm.fileio import save_atomic, write_atomic
-from cm.jax_checkpoint import PARAMETER_SETS, flags_as_cli, read_jax_checkpoint
+from cm.formats.jax_checkpoint import PARAMETER_SETS, flags_as_cli, read_jax_checkpoint
 
 
 def parse_args(argv):

@@ -1,4 +1,4 @@
-"""Make the single LPIPS weights file that cm.lpips.load_lpips reads.
+"""Make the single LPIPS weights file that cm.metrics.lpips.load_lpips reads.
 
 Inputs are two public files: torchvision's VGG16 ImageNet weights
 (vgg16-397923af.pth, https://download.pytorch.org/models/vgg16-397923af.pth)
@@ -15,7 +15,7 @@ import torch
 
 from cm.cli import OneLineArgumentParser
 from cm.fileio import save_atomic
-from cm.lpips import LPIPS_PATH_ENV, LPIPSWeightsError, convert_weights
+from cm.metrics.lpips import LPIPS_PATH_ENV, LPIPSWeightsError, convert_weights
 
 
 def read_state(path, what):
@@ -32,7 +32,7 @@ def read_state(path, what):
 
 def main(argv=None):
     parser = OneLineArgumentParser(
-        description="Merge torchvision VGG16 ImageNet weights and LPIPS v0.1 VGG heads into one file for cm.lpips.",
+        description="Merge torchvision VGG16 ImageNet weights and LPIPS v0.1 VGG heads into one file for cm.metrics.lpips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--vgg16", required=True,

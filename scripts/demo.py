@@ -17,7 +17,7 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm.cli import OneLineArgumentParser
-from cm.demo import DemoConfig, DemoError, default_config, quick_config, run_demo
+from cm.tools.demo import DemoConfig, DemoError, default_config, quick_config, run_demo
 from cm.precision import PRECISIONS
 
 HELP = {

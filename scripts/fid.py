@@ -14,7 +14,7 @@ import sys
 import torch
 
 from cm.cli import OneLineArgumentParser
-from cm.evaluation import (
+from cm.metrics.evaluation import (
     EvaluationError,
     evaluate,
     is_stats_file,
@@ -22,7 +22,7 @@ from cm.evaluation import (
     reference_stats,
     save_stats,
 )
-from cm.inception import ENV_VAR, InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
+from cm.metrics.inception import ENV_VAR, InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
 from cm.script_util import str2bool
 
 

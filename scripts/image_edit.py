@@ -24,7 +24,7 @@ from cm.edit_util import (
     save_edits,
     to_float,
 )
-from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
+from cm.formats.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.sample_util import load_model_and_diffusion
 
 

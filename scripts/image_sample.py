@@ -14,7 +14,7 @@ import sys
 
 from cm import dist_util, logger
 from cm.cli import run_cli
-from cm.model_files import SAMPLING_FLAGS, adopt_network_flags
+from cm.formats.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.precision import resolve_speed_args, wrap
 from cm.sample_util import (
     check_sample_args,

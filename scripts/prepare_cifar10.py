@@ -15,9 +15,9 @@ import sys
 import torch
 
 from cm.cli import OneLineArgumentParser
-from cm.cifar10 import CifarArchiveError, export_pngs, read_cifar10
-from cm.evaluation import EvaluationError, compute_activations, feature_stats, save_stats
-from cm.inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
+from cm.formats.cifar10 import CifarArchiveError, export_pngs, read_cifar10
+from cm.metrics.evaluation import EvaluationError, compute_activations, feature_stats, save_stats
+from cm.metrics.inception import InceptionWeightsMismatch, InceptionWeightsNotFound, load_inception
 from cm.script_util import str2bool
 
 STATS_NAME = "cifar10_train_stats.npz"

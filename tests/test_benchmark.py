@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cm import benchmark
+from cm.tools import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

@@ -18,7 +18,7 @@ from PIL import Image
 
 pytest.importorskip("sklearn")
 
-from cm import demo  # noqa: E402
+from cm.tools import demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cm.cli import UsageError, run_cli
-from cm.edm_pickle import load_edm_pickle
+from cm.formats.edm_pickle import load_edm_pickle
 from cm.karras_diffusion import KarrasDenoiser
-from cm.model_files import is_network_file, load_network_file
+from cm.formats.model_files import is_network_file, load_network_file
 from song_helpers import EDM, image_folder, load_script, one_thread  # noqa: F401  (autouse fixture)
 SMALL = ["ddpmpp_cond_small", "ncsnpp_uncond_small"]
 

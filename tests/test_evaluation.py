@@ -13,7 +13,7 @@ import scipy.special
 import torch
 from PIL import Image
 
-from cm.evaluation import (
+from cm.metrics.evaluation import (
     EvaluationError,
     compute_activations,
     feature_stats,
@@ -24,7 +24,7 @@ from cm.evaluation import (
     reference_stats,
     save_stats,
 )
-from cm.inception import ENV_VAR, WEIGHTS_FILENAME, FIDInceptionV3
+from cm.metrics.inception import ENV_VAR, WEIGHTS_FILENAME, FIDInceptionV3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FID_SCRIPT = os.path.join(REPO, "scripts", "fid.py")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cm.inception import (
+from cm.metrics.inception import (
     ENV_VAR,
     WEIGHTS_FILENAME,
     FIDInceptionV3,

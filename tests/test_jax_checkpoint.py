@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from cm.flax_msgpack import FlaxFormatError, read_msgpack_tree
-from cm.jax_checkpoint import (
+from cm.formats.flax_msgpack import FlaxFormatError, read_msgpack_tree
+from cm.formats.jax_checkpoint import (
     flags_from_config,
     is_jax_checkpoint,
     load_jax_checkpoint,
     model_from_flags,
     read_jax_checkpoint,
 )
-from cm.jax_ncsnpp import flax_parameter_count, infer_config, ncsnpp_layout, songunet_parameter_count
+from cm.formats.jax_ncsnpp import flax_parameter_count, infer_config, ncsnpp_layout, songunet_parameter_count
 from cm.karras_diffusion import KarrasDenoiser
 
 from golden import DATA
@@ -198,7 +198,7 @@ def test_scripts_adopt_the_network_flags_of_a_flax_file():
     from argparse import Namespace
 
     from cm.cli import UsageError
-    from cm.model_files import adopt_network_flags
+    from cm.formats.model_files import adopt_network_flags
     from cm.sample_util import sample_flag_defaults
 
     defaults = sample_flag_defaults()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cm.cli import run_cli
-from cm.jax_checkpoint import read_jax_checkpoint
+from cm.formats.jax_checkpoint import read_jax_checkpoint
 from cm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from song_helpers import ROOT, image_folder, load_script, one_thread  # noqa: F401  (autouse fixture)
 

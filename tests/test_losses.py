@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cm import losses
 from cm.karras_diffusion import KarrasDenoiser
-from cm.lpips import LPIPSWeightsMissing
+from cm.metrics.lpips import LPIPSWeightsMissing
 from cm.precond import get_weightings
 from cm.script_util import (
     add_dict_to_argparser,

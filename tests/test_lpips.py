@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cm.lpips import (
+from cm.metrics.lpips import (
     CONV_INDICES,
     LPIPS,
     LPIPSWeightsError,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cm.cifar10 import CifarArchiveError, export_pngs, read_cifar10
-from cm.evaluation import load_stats
-from cm.inception import FIDInceptionV3
+from cm.formats.cifar10 import CifarArchiveError, export_pngs, read_cifar10
+from cm.metrics.evaluation import load_stats
+from cm.metrics.inception import FIDInceptionV3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "prepare_cifar10.py")

@@ -191,7 +191,7 @@ def test_presets_fill_only_flags_not_given_and_leave_other_modes_alone():
 
 def test_ect_starts_from_an_edm_pkl_whose_flags_it_adopts(tmp_path, capsys, monkeypatch):
     from cm.cli import run_cli
-    from cm.edm_pickle import load_edm_pickle
+    from cm.formats.edm_pickle import load_edm_pickle
     from song_helpers import EDM, image_folder, load_script
 
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cm import logger
-from cm.evaluation import save_stats
-from cm.inception import FIDInceptionV3
+from cm.metrics.evaluation import save_stats
+from cm.metrics.inception import FIDInceptionV3
 from cm.script_util import create_model
 from cm.ternary import ternary_search
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import test_train_util as base
-from cm import demo, fp16_util, logger, script_util
+from cm import fp16_util, logger, script_util
+from cm.tools import demo
 from cm.opt_layout import is_original_fp16_layout, main, to_original, to_per_parameter
 from cm.schedules import create_ema_and_scales_fn
 from launchers import find_mpiexec

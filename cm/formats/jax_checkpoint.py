@@ -7,7 +7,7 @@ The files of openai/consistency_models_cifar10 (``edm_cifar10_ema``, ``cd-l1``,
 ``target_params``) or a bare parameter tree. `load_jax_checkpoint` reads one
 without JAX/Flax and returns our `SongUNet` (NCSN++, eval mode) holding the
 chosen parameter set, plus the flags that rebuild it — the same contract as
-the EDM pickle loader; `cm.model_files` hands these files (recognised by
+the EDM pickle loader; `cm.formats.model_files` hands these files (recognised by
 content: they have no suffix) to the scripts. Sample it through `KarrasDenoiser` with
 ``distillation=True`` (CD/CT models, boundary condition at σ_min 0.002) or
 ``False`` (the EDM teacher); σ_data is 0.5 in both.
@@ -68,7 +68,7 @@ def select_parameter_set(tree, which, path):
 
 
 def flags_from_config(config):
-    """Script flags (``--arch ncsnpp`` …, `cm.model_files.STRUCTURE_FLAGS`) that rebuild the network of a config."""
+    """Script flags (``--arch ncsnpp`` …, `cm.formats.model_files.STRUCTURE_FLAGS`) that rebuild the network of a config."""
     return dict(
         arch="ncsnpp",
         image_size=config["image_size"],
@@ -88,7 +88,7 @@ def flags_as_cli(flags):
 
 def model_from_flags(flags):
     """Our NCSN++ `SongUNet` built from the flags `flags_from_config` gives."""
-    from .song_unet import song_unet_from_flags
+    from ..song_unet import song_unet_from_flags
 
     return song_unet_from_flags(
         flags["arch"],
@@ -119,7 +119,7 @@ def load_jax_checkpoint(path, which="params_ema", image_size=32, attn_resolution
 
     ``image_size`` is not stored in the file (32 for CIFAR-10); ``attn_resolutions``
     is needed only when the tree cannot tell the attention levels (see
-    `cm.jax_ncsnpp.infer_config`).
+    `cm.formats.jax_ncsnpp.infer_config`).
     """
     state_dict, flags = read_jax_checkpoint(path, which, image_size, attn_resolutions)
     model = model_from_flags(flags)

@@ -9,8 +9,8 @@ Add a format by adding its suffix and reader to `READERS`.
 
 import os
 
-from .checkpoint import load_model_state, read_checkpoint
-from .cli import UsageError
+from ..checkpoint import load_model_state, read_checkpoint
+from ..cli import UsageError
 
 # flags that fix the network's structure: a file that describes itself decides them
 STRUCTURE_FLAGS = (

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .demo import DemoError, comparison_grid, judge, model_flags, run_sampling
+from .demo_common import DemoError, comparison_grid, judge, model_flags, run_sampling
 
 EDIT_TASKS = (
     ("inpaint", "inpaint right half", ["--mask=right"]),

@@ -19,8 +19,8 @@ import pickle
 import numpy as np
 import torch
 
-from .cli import UsageError
-from .song_unet import ARCH_CONFIGS, SongUNet
+from ..cli import UsageError
+from ..song_unet import ARCH_CONFIGS, SongUNet
 
 PRECONDS = ("EDMPrecond", "ECMPrecond")
 UNSUPPORTED = {
@@ -39,6 +39,18 @@ class PersistentRecord:
         self.state = state
 
 
+class BoundMethodRecord:
+    """A bound method of a recorded object (`getattr(obj, name)` in the pickle), kept as data.
+
+    ECT's loss object stores its r-mapping as a bound method of itself, so every snapshot
+    ECT's training loop writes names `builtins.getattr`; nothing is looked up or called.
+    """
+
+    def __init__(self, owner, name):
+        self.owner = owner
+        self.name = name
+
+
 class ModuleDictRecord:
     """Stands in for `torch.nn.ModuleDict`; unpickling fills its `__dict__` (BUILD)."""
 
@@ -48,6 +60,13 @@ def _reconstruct_persistent_obj(meta):
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
         raise pickle.UnpicklingError("a persistent object without a class state")
     return PersistentRecord(str(meta.get("class_name")), meta["state"])
+
+
+def _bound_method(obj, name):
+    """Replaces `builtins.getattr`: only on a record this reader built, with a plain string name."""
+    if not isinstance(obj, PersistentRecord) or type(name) is not str:
+        raise pickle.UnpicklingError("getattr on something other than a recorded persistent object")
+    return BoundMethodRecord(obj, name)
 
 
 def _load_storage(data):
@@ -83,6 +102,7 @@ def _numpy_scalar(dtype, data):
 
 
 ALLOWED_GLOBALS = {
+    ("builtins", "getattr"): _bound_method,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
