@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from . import dist_util
 from .cli import UsageError
-from .evaluation import (
+from .metrics.evaluation import (
     EvaluationError,
     compute_activations,
     feature_stats,
@@ -129,7 +129,7 @@ def mode_samplers(training_mode, eval_steps=18):
 
 def inception_features(path="", device="cpu", batch_size=100):
     """images ↦ pool3 features of the FID Inception (``fid.py``'s numbers; weights: path or $CM_INCEPTION_PATH)."""
-    from .inception import load_inception
+    from .metrics.inception import load_inception
 
     model = load_inception(path or None, device=device)
 

@@ -16,7 +16,7 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm.cli import OneLineArgumentParser, run_cli
-from cm.progress_plot import write_progress_plot
+from cm.tools.progress_plot import write_progress_plot
 
 
 def create_argparser():

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from cm.cli import UsageError
-from cm.evaluation import feature_stats, save_stats
-from cm.inception import FIDInceptionV3
+from cm.metrics.evaluation import feature_stats, save_stats
+from cm.metrics.inception import FIDInceptionV3
 from cm.train_eval import (
     CD_TWO_STEP_TS,
     RECIPE_TWO_STEP_SIGMAS,
@@ -293,7 +293,7 @@ def test_setup_failures_are_one_line_at_start_up(data, feature_net, tmp_path, ex
 
 
 def test_smooth_is_a_debiased_moving_average():
-    from cm.progress_plot import smooth
+    from cm.tools.progress_plot import smooth
 
     np.testing.assert_allclose(smooth(np.full(50, 3.0)), 3.0)  # debiased: no ramp up from 0
     y = smooth(np.array([1.0, np.nan, 1.0, 5.0]), span=1.0)
@@ -302,7 +302,7 @@ def test_smooth_is_a_debiased_moving_average():
 
 def test_plot_progress_draws_every_panel_of_real_runs(ct_runs, tmp_path):
     pytest.importorskip("matplotlib")  # the [plot] extra (in [test] too)
-    from cm.progress_plot import write_progress_plot
+    from cm.tools.progress_plot import write_progress_plot
 
     plain, evald = ct_runs
     out = tmp_path / "plot.png"

@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from .cli import UsageError
-from .fileio import write_atomic
+from ..cli import UsageError
+from ..fileio import write_atomic
 
 LOSS_QUARTERS = ("loss_q0", "loss_q1", "loss_q2", "loss_q3")
 QUARTER_STYLES = ("-", "--", "-.", ":")
