@@ -82,8 +82,14 @@ def run_names(logdirs):
     return names
 
 
-def _panels(runs):
-    """[(title, y label, log scale, draw(ax, progress, colour, name))] of the panels some run has data for."""
+PANELS = ("loss", "quarters", "lr", "grad_norm", "bad_steps", "fid")
+
+
+def _panels(runs, only=None, fid_title="FID during training"):
+    """[(title, y label, log scale, draw(ax, progress, colour, name))] of the panels some run has data for.
+
+    ``only``: the `PANELS` keys to draw (default all), in that order.
+    """
 
     def loss(ax, p, c, name):
         s = _series(p, "loss")
@@ -116,21 +122,26 @@ def _panels(runs):
         return any(_series(p, k, x_key) is not None for p in runs for k in keys)
 
     fid_keys = sorted({k for p in runs for k in p if k.startswith("fid_")})
-    candidates = [
-        ("loss (raw and smoothed)", "loss", True, loss, has(["loss"])),
-        ("loss per noise quarter (smoothed; q0 lowest σ)", "loss", True, quarters, has(LOSS_QUARTERS)),
-        ("learning rate", "lr", False, column("lr"), has(["lr"])),
-        ("gradient norm", "grad norm", True, column("grad_norm"), has(["grad_norm"])),
-        ("bad steps (skipped, total)", "steps", False, column("bad_steps"), has(["bad_steps"])),
-        ("FID during training", "FID", True, fid, has(fid_keys, "eval_step")),
-    ]
-    return [(t, yl, log, draw) for t, yl, log, draw, present in candidates if present]
+    candidates = {
+        "loss": ("loss (raw and smoothed)", "loss", True, loss, has(["loss"])),
+        "quarters": ("loss per noise quarter (smoothed; q0 lowest σ)", "loss", True, quarters, has(LOSS_QUARTERS)),
+        "lr": ("learning rate", "lr", False, column("lr"), has(["lr"])),
+        "grad_norm": ("gradient norm", "grad norm", True, column("grad_norm"), has(["grad_norm"])),
+        "bad_steps": ("bad steps (skipped, total)", "steps", False, column("bad_steps"), has(["bad_steps"])),
+        "fid": (fid_title, "FID", True, fid, has(fid_keys, "eval_step")),
+    }
+    keys = PANELS if only is None else only
+    unknown = [k for k in keys if k not in candidates]
+    if unknown:
+        raise ValueError(f"unknown panels {unknown}; choose from {PANELS}")
+    return [candidates[k][:4] for k in keys if candidates[k][4]]
 
 
-def write_progress_plot(logdirs, out, names=None, dpi=100):
+def write_progress_plot(logdirs, out, names=None, dpi=100, only=None, fid_title="FID during training"):
     """Write the PNG of ``logdirs``' progress.csv to ``out``; returns {panel title: (x0, y0, x1, y1)} pixel boxes.
 
     Boxes are the panels' plotting areas in the PNG, origin top left.
+    ``only``/``fid_title``: see `_panels`.
     """
     try:
         import matplotlib
@@ -147,7 +158,7 @@ def write_progress_plot(logdirs, out, names=None, dpi=100):
     names = list(names) if names else run_names(logdirs)
     if len(names) != len(runs):
         raise UsageError(f"{len(names)} names for {len(runs)} runs")
-    panels = _panels(runs)
+    panels = _panels(runs, only, fid_title)
     if not panels:
         raise UsageError(f"{', '.join(logdirs)}: no loss, lr, grad_norm, bad_steps or fid_* columns to plot")
     cols = 2 if len(panels) > 1 else 1
