@@ -1,15 +1,16 @@
-"""cm_train.py's flags of the iCT and ECT recipes: defaults, per-recipe presets, --init_from.
+"""cm_train.py's flags of the recipe table's rows: defaults, presets, checks, --init_from.
 
-A recipe's preset (ECT's CIFAR-10 run, iCT's) replaces the script's defaults
-only for the flags the user did not give; the other training modes keep
-their defaults untouched.
+A row's preset (ECT's CIFAR-10 run, iCT's; `cm.recipes`) replaces the
+script's defaults only for the flags the user did not give; the other
+training modes keep their defaults untouched. Every check reads the row of
+--training_mode: the flags only other rows use, the teacher, --init_from.
 """
 
 import argparse
 
 from .cli import UsageError
 from .formats.model_files import load_network_weights
-from .recipes import P_MEAN, P_STD, RECIPE_MODES, pseudo_huber_c
+from .recipes import P_MEAN, P_STD, RECIPE_MODES, RECIPES, get_recipe, modes_using_flag  # noqa: F401
 
 
 def recipe_flag_defaults():
@@ -27,25 +28,6 @@ RECIPE_FLAG_HELP = {
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 
-# ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation.
-# iCT's CIFAR-10 run (Song & Dhariwal 2023): 400k steps at batch 1024, dropout 0.3, EMA 0.99993, s0 10, s1 1280.
-RECIPE_PRESETS = {
-    "ect": dict(
-        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000, random_flip=False
-    ),
-    "ict": dict(
-        lr=1e-4,
-        global_batch_size=1024,
-        dropout=0.3,
-        ema_rate="0.99993",
-        total_training_steps=400000,
-        start_scales=10,
-        end_scales=1280,
-        random_flip=False,
-    ),
-}
-
-
 def explicit_flags(parser, argv):
     """Names of the flags given on the command line (abbreviations and --k=v included)."""
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
@@ -57,37 +39,48 @@ def explicit_flags(parser, argv):
 
 
 def apply_recipe_preset(args, explicit):
-    """Set the recipe's preset on ``args`` for every flag not in ``explicit``; returns the names set."""
-    preset = dict(RECIPE_PRESETS.get(args.training_mode, {}))
-    if args.training_mode == "ict":
-        preset["huber_c"] = pseudo_huber_c(3 * args.image_size**2)
+    """Set the row's presets on ``args`` for every flag not in ``explicit``; returns the names set."""
+    row = RECIPES.get(args.training_mode)
+    preset = row.presets(args) if row is not None else {}
     changed = sorted(k for k in preset if k not in explicit)
     for k in changed:
         setattr(args, k, preset[k])
     return changed
 
 
-def check_recipe_args(args):
-    """One-line UsageErrors for the recipe flags (before anything is built or written)."""
-    if args.training_mode not in RECIPE_MODES:
-        if args.init_from:
-            raise UsageError(f"--init_from is for --training_mode ect or ict, not {args.training_mode}")
-        return
-    if args.training_mode == "ect" and not args.init_from:
+# value checks of the rows' own flags: (test, what it must be)
+FLAG_CHECKS = {
+    "ect_double": (lambda v: v >= 1, "must be a positive number of steps"),
+    "ect_q": (lambda v: v > 1, "must be larger than 1"),
+    "p_std": (lambda v: v > 0, "must be positive"),
+    "huber_c": (lambda v: v >= 0, "must be non-negative"),
+}
+
+
+def check_recipe_args(args, explicit):
+    """One-line UsageErrors from the row of --training_mode (before anything is built or written).
+
+    ``explicit``: the flags given on the command line (`explicit_flags`).
+    """
+    mode = args.training_mode
+    row = get_recipe(mode)
+    for flag in sorted(explicit):
+        users = modes_using_flag(flag)
+        if users and mode not in users:
+            raise UsageError(f"--{flag} is for --training_mode {' or '.join(users)}, not {mode}")
+    if row.init_from == "required" and not args.init_from:
         raise UsageError(
-            "--training_mode ect tunes a pretrained model: give --init_from (a .pt of an EDM run), "
+            f"--training_mode {mode} tunes a pretrained model: give --init_from (a .pt of an EDM run), "
             "or --init_from none to start from random weights"
         )
-    if args.teacher_model_path:
-        raise UsageError(f"--teacher_model_path is not used by --training_mode {args.training_mode} (see --init_from)")
-    if args.ect_double < 1:
-        raise UsageError(f"--ect_double must be a positive number of steps, got {args.ect_double}")
-    if args.ect_q <= 1:
-        raise UsageError(f"--ect_q must be larger than 1, got {args.ect_q}")
-    if not args.p_std > 0:
-        raise UsageError(f"--p_std must be positive, got {args.p_std}")
-    if args.huber_c < 0:
-        raise UsageError(f"--huber_c must be non-negative, got {args.huber_c}")
+    if row.teacher == "unused" and args.teacher_model_path:
+        see = " (see --init_from)" if row.init_from != "unused" else ""
+        raise UsageError(f"--teacher_model_path is not used by --training_mode {mode}{see}")
+    if row.needs_teacher and not args.teacher_model_path:
+        raise UsageError(f"--training_mode {mode} needs --teacher_model_path (an EDM checkpoint)")
+    for flag in row.flags:
+        if flag in FLAG_CHECKS and not FLAG_CHECKS[flag][0](getattr(args, flag)):
+            raise UsageError(f"--{flag} {FLAG_CHECKS[flag][1]}, got {getattr(args, flag)}")
 
 
 def load_init_weights(model, path, network=None):

@@ -1,19 +1,62 @@
-"""Schedules of the later consistency recipes, iCT and ECT (pure functions).
+"""The recipe table: one row per training mode of the consistency loop.
 
-iCT: Song & Dhariwal 2023, "Improved techniques for training consistency models".
-ECT: Geng et al. 2024, "Consistency models made easy" (consistency tuning).
-Both train the same network with the same loop as CD/CT; only the noise levels
-drawn per sample, the loss weights and the distance differ (see `cm.losses`).
+A row (`Recipe`) says everything the loop and ``cm_train.py`` need to know
+about a mode, so neither ever compares a mode name:
+
+- ``loss(diffusion, nets, x_start, level, model_kwargs, options)``: the loss
+  terms of a micro-batch, a dict with per-sample "loss" and "sigmas" (the noise
+  level t each sample is logged under) and optionally "r" (the second level of
+  a pair, which the loop logs as t_mean / r_over_t / r_zero). The adapters here
+  call the `KarrasDenoiser` methods, which draw the noise levels and call the
+  pure losses of `cm.losses`; ``nets`` are the networks, each wrapped once by
+  the loop (precision, DDP); ``options`` the loss flags (``huber_c``,
+  ``ect_q``, ``p_mean``, ``p_std``, ...);
+- ``schedule(args)``: step ↦ (target EMA μ, level), the level being N or
+  ECT's stage (``level_name`` is what the loop logs it as);
+- the networks: ``teacher`` ("required": the loss calls it; "optional": it
+  only gives the initial weights; "unused"), ``target`` ("ema": its own
+  network θ⁻ ← μθ⁻ + (1−μ)θ; "online": the student itself under no_grad;
+  "none"), ``init_from`` ("required" / "optional" / "unused");
+  ``frozen_bf16_teacher`` (store the teacher's weights in bf16 once under
+  --precision bf16), ``teacher_follows_student`` (progdist: at a new level the
+  student becomes the teacher, optimiser and EMAs restart);
+- ``train_scalings`` / ``sample_scalings``: "edm" (c_skip, c_out of EDM) or
+  "boundary" (the consistency models' boundary-condition scalings, f(x, σ_min)
+  = x; the original's ``distillation=True``);
+- ``presets(args)``: its paper's values for the flags the user did not give;
+  ``flags``: the cm_train.py flags only it (or a few rows) uses: giving one to
+  another mode is an error; ``loss_options``: the flags its loss reads;
+- ``checkpoint_files``: the extra files of its checkpoint sets (besides model,
+  EMAs, opt), written and resumed by the loop;
+- ``two_step_ts`` / ``two_step_sigmas``: the two-step sampler of the
+  in-training evaluation (`cm.train_eval`; one step is always the other):
+  indices of the 40-point grid, or noise levels when given.
+
+Adding a recipe: one pure loss in `cm.losses` (denoiser callables and tensors
+in, per-sample values out), one adapter and one row here. Extension point for
+recipes with more trainable networks (e.g. DMD2's fake score and
+discriminator with their own optimiser): ``extra_networks`` names them; the
+loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
+once (precision, DDP) into ``nets.extra`` for the loss, and saves/resumes each
+as checkpoint kind ``name``; their optimiser step is the row's
+``after_step(loop)`` hook, called after each taken step.
+
+The schedules of iCT (Song & Dhariwal 2023, "Improved techniques for training
+consistency models") and ECT (Geng et al. 2024, "Consistency models made
+easy") are pure functions below; they train the same network with the same
+loop as CD/CT, only the noise levels drawn per sample, the loss weights and
+the distance differ.
 """
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
-from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigma
+from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, create_ema_and_scales_fn, karras_sigma
 
 P_MEAN, P_STD = -1.1, 2.0  # log-normal of both recipes
-RECIPE_MODES = ("ect", "ict")  # training modes of cm_train.py that use these schedules
 
 
 # ----------------------------------------------------------------------------
@@ -103,15 +146,186 @@ def ect_ema_and_scales_fn(double):
     return lambda step: (0.0, ect_stage(step, double))
 
 
-def recipe_ema_and_scales_fn(training_mode, total_steps, start_scales, end_scales, ect_double):
-    """The (μ, N-or-stage) schedule of an ``ict`` or ``ect`` run."""
-    if training_mode == "ict":
-        return ict_ema_and_scales_fn(total_steps, start_scales, end_scales)
-    return ect_ema_and_scales_fn(ect_double)
+
+# ----------------------------------------------------------------------------
+# The table
 
 
-def stats(values):
-    """(mean, min, max) of a tensor as floats, for logging."""
-    v = values.detach().double()
-    return float(v.mean()), float(v.min()), float(v.max())
+@dataclass(frozen=True)
+class Networks:
+    """What a loss calls, each wrapped once by the loop (precision; DDP for the student)."""
+
+    student: Callable
+    target: Optional[Callable] = None  # θ⁻: the EMA target ("ema") or the unwrapped student ("online")
+    teacher: Optional[Callable] = None
+    teacher_diffusion: object = None  # the teacher's KarrasDenoiser (EDM scalings)
+    extra: dict = field(default_factory=dict)  # a row's extra_networks by name
+
+
+def _consistency_distillation(diffusion, nets, x_start, num_scales, model_kwargs, options):
+    return diffusion.consistency_losses(
+        nets.student, x_start, num_scales, model_kwargs=model_kwargs, target_model=nets.target,
+        teacher_model=nets.teacher, teacher_diffusion=nets.teacher_diffusion,
+    )
+
+
+def _consistency_training(diffusion, nets, x_start, num_scales, model_kwargs, options):
+    # a teacher, when given, only supplied the initial weights
+    return diffusion.consistency_losses(
+        nets.student, x_start, num_scales, model_kwargs=model_kwargs, target_model=nets.target
+    )
+
+
+def _progdist(diffusion, nets, x_start, num_scales, model_kwargs, options):
+    return diffusion.progdist_losses(
+        nets.student, x_start, num_scales, model_kwargs=model_kwargs,
+        teacher_model=nets.teacher, teacher_diffusion=nets.teacher_diffusion,
+    )
+
+
+def _ict(diffusion, nets, x_start, num_scales, model_kwargs, options):
+    return diffusion.ict_losses(
+        nets.student, x_start, num_scales, model_kwargs=model_kwargs, target_model=nets.target,
+        huber_c=options.get("huber_c"), p_mean=options.get("p_mean", P_MEAN), p_std=options.get("p_std", P_STD),
+    )
+
+
+def _ect(diffusion, nets, x_start, stage, model_kwargs, options):
+    return diffusion.ect_losses(
+        nets.student, x_start, stage, model_kwargs=model_kwargs, target_model=nets.target,
+        q=options.get("ect_q", 2.0), huber_c=options.get("huber_c") or 0.0,
+        p_mean=options.get("p_mean", P_MEAN), p_std=options.get("p_std", P_STD),
+    )
+
+
+def _original_schedule(args):
+    """The original's create_ema_and_scales_fn from its flags."""
+    return create_ema_and_scales_fn(
+        target_ema_mode=args.target_ema_mode,
+        start_ema=args.start_ema,
+        scale_mode=args.scale_mode,
+        start_scales=args.start_scales,
+        end_scales=args.end_scales,
+        total_steps=args.total_training_steps,
+        distill_steps_per_iter=args.distill_steps_per_iter,
+    )
+
+
+def _ict_schedule(args):
+    return ict_ema_and_scales_fn(args.total_training_steps, args.start_scales, args.end_scales)
+
+
+def _ect_schedule(args):
+    return ect_ema_and_scales_fn(args.ect_double)
+
+
+def _no_presets(args):
+    return {}
+
+
+def _ect_presets(args):
+    # ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation
+    return dict(
+        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000, random_flip=False
+    )
+
+
+def _ict_presets(args):
+    # iCT's CIFAR-10 run (Song & Dhariwal 2023): 400k steps at batch 1024, dropout 0.3, EMA 0.99993, s0 10, s1 1280
+    return dict(
+        lr=1e-4, global_batch_size=1024, dropout=0.3, ema_rate="0.99993", total_training_steps=400000,
+        start_scales=10, end_scales=1280, random_flip=False, huber_c=pseudo_huber_c(3 * args.image_size**2),
+    )
+
+
+SCALINGS = ("edm", "boundary")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training mode of `cm.train_util.CMTrainLoop` (see the module docstring)."""
+
+    name: str
+    loss: Callable
+    schedule: Callable
+    teacher: str  # "required" | "optional" | "unused"
+    target: str  # "ema" | "online" | "none"
+    init_from: str = "unused"  # "required" | "optional" | "unused"
+    train_scalings: str = "boundary"
+    sample_scalings: str = "boundary"
+    presets: Callable = _no_presets
+    flags: tuple = ()
+    loss_options: tuple = ()
+    level_name: str = "num_scales"
+    frozen_bf16_teacher: bool = False
+    teacher_follows_student: bool = False
+    checkpoint_files: tuple = ()
+    uses_loss_norm: bool = True  # the loss measures with --loss_norm (lpips loads up front)
+    extra_networks: tuple = ()
+    after_step: Optional[Callable] = None  # hook(loop) after each taken step (e.g. extra optimisers)
+    # two-step sampling of the in-training evaluation (cm.train_eval) and of the grids: indices of the
+    # 40-point grid (the original's CD command), or noise levels (ECT's mid_t 0.821, used for iCT too)
+    two_step_ts: tuple = (0, 22, 39)
+    two_step_sigmas: tuple = ()
+
+    @property
+    def needs_teacher(self):
+        return self.teacher == "required"
+
+
+_ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_per_iter")
+_ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
+_LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False, two_step_ts=(), two_step_sigmas=(80.0, 0.821))
+
+RECIPES = {
+    r.name: r
+    for r in (
+        Recipe(
+            "consistency_distillation", _consistency_distillation, teacher="required", target="ema",
+            frozen_bf16_teacher=True, checkpoint_files=("target_model",), **_ORIGINAL_ROW,
+        ),
+        Recipe(
+            "consistency_training", _consistency_training, teacher="optional", target="ema",
+            checkpoint_files=("target_model",), **_ORIGINAL_ROW,
+        ),
+        Recipe(
+            "progdist", _progdist, teacher="required", target="none", train_scalings="edm", sample_scalings="edm",
+            teacher_follows_student=True, checkpoint_files=("teacher_model",), **_ORIGINAL_ROW,
+        ),
+        Recipe(
+            "ect", _ect, _ect_schedule, init_from="required", presets=_ect_presets, level_name="stage",
+            flags=("init_from", "ect_double", "ect_q", "huber_c", "p_mean", "p_std"),
+            loss_options=("huber_c", "ect_q", "p_mean", "p_std"), **_LATER_ROW,
+        ),
+        Recipe(
+            "ict", _ict, _ict_schedule, init_from="optional", presets=_ict_presets,
+            flags=("init_from", "huber_c", "p_mean", "p_std"), loss_options=("huber_c", "p_mean", "p_std"),
+            **_LATER_ROW,
+        ),
+    )
+}
+CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
+RECIPE_MODES = tuple(m for m, r in RECIPES.items() if r.init_from != "unused")  # the later recipes (ect, ict)
+# models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
+CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
+
+
+def get_recipe(training_mode):
+    """The row of ``training_mode``; a one-line ValueError for a mode the consistency loop does not train."""
+    if training_mode not in RECIPES:
+        raise ValueError(
+            f"--training_mode {training_mode} is not trained by cm_train.py; "
+            f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
+        )
+    return RECIPES[training_mode]
+
+
+def samples_with_boundary_scalings(training_mode):
+    """True for the consistency models (the table's boundary rows); edm and progdist use EDM's scalings."""
+    return training_mode in CONSISTENCY_MODES
+
+
+def modes_using_flag(flag):
+    """The training modes whose row lists ``flag``."""
+    return tuple(m for m, r in RECIPES.items() if flag in r.flags)
 

@@ -45,6 +45,7 @@ from .fp16_util import resolve_use_fp16
 from .precision import add_speed_flags, prepare_from_args
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
+from .recipes import CONSISTENCY_MODES, samples_with_boundary_scalings  # noqa: F401  (CONSISTENCY_MODES: re-exported)
 from .script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -58,7 +59,6 @@ from .script_util import (
 # torch keeps only the low 32 bits of a CPU seed, so the offset works mod 2**32.
 LABEL_SEED_OFFSET = 0x9E3779B9
 
-CONSISTENCY_MODES = ("consistency_distillation", "consistency_training", "ect", "ict")
 
 SAMPLE_HELP = {
     "batch_size": "samples per process per batch (noise and labels of sample k do not depend on it)",
@@ -69,7 +69,7 @@ SAMPLE_HELP = {
     "determ-indiv (one seeded stream per sample), dummy (unseeded global RNG)",
     "sigmas": "comma list of descending noise levels for --sampler multistep instead of --ts, e.g. 80,0.821 "
     "(ECT/iCT two-step); each in [sigma_min, sigma_max], one network call each",
-    "training_mode": "how the checkpoint was trained; consistency_distillation/consistency_training/ect/ict use "
+    "training_mode": "how the checkpoint was trained; " + "/".join(CONSISTENCY_MODES) + " use "
     "the consistency-model scalings, edm/progdist the EDM ones",
 }
 
@@ -176,8 +176,8 @@ def check_sample_args(args):
 
 
 def uses_distillation(training_mode):
-    """True for the consistency modes, whose models use the boundary-condition scalings."""
-    return training_mode in CONSISTENCY_MODES
+    """True for the consistency models, which sample with the boundary-condition scalings (the table's rows)."""
+    return samples_with_boundary_scalings(training_mode)
 
 
 # ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from .karras_diffusion import KarrasDenoiser
 from .losses import LOSS_NORMS
 from .precond import WEIGHT_SCHEDULES
 from .random_util import GENERATORS
+from .recipes import CM_TRAINING_MODES
 from .resample import SCHEDULE_SAMPLERS
 from .samplers import SAMPLERS
 from .schedules import create_ema_and_scales_fn  # noqa: F401  (public path of the original)
@@ -26,7 +27,7 @@ CHANNEL_MULTS = {
 
 ARCHS = ("adm", "ddpmpp", "ncsnpp")
 
-TRAINING_MODES = ("edm", "consistency_distillation", "consistency_training", "progdist", "ect", "ict")
+TRAINING_MODES = ("edm",) + CM_TRAINING_MODES  # --training_mode choices: EDM, then the recipe table's rows
 
 
 def model_and_diffusion_defaults():

@@ -49,12 +49,11 @@ from .metrics.evaluation import (
     npz_images_shape,
 )
 from .precision import wrap as precision_wrap
+from .recipes import get_recipe
 from .sample_util import save_grid_png, sample_images
 
 EVAL_SEED = 0  # noise and labels of the evaluation set and of the grids (image_sample.py --seed 0)
 GRID_SAMPLES = 64
-CD_TWO_STEP_TS = (0, 22, 39)  # the original's two-step CD command: indices of the 40-point grid
-RECIPE_TWO_STEP_SIGMAS = (80.0, 0.821)  # ECT's two-step levels (mid_t 0.821), used for iCT as well
 
 EVAL_HELP = {
     "eval_interval": "every this many steps and at the end, FID of fixed-noise samples of the EMA network(s) "
@@ -107,20 +106,26 @@ class EvalSampler:
         )
 
 
-def mode_samplers(training_mode, eval_steps=18):
-    """The samplers a run of ``training_mode`` is evaluated with (the grid uses the first).
+def recipe_samplers(recipe=None, eval_steps=18):
+    """The samplers a run of ``recipe`` (a `cm.recipes` row; None: EDM training) is evaluated with.
 
-    EDM teachers and progressive-distillation students (EDM denoisers): Heun
-    with ``eval_steps`` steps. Consistency models: one step, and two steps at
-    the mode's intermediate level (CD/CT: ts 0,22,39 of 40; ECT/iCT: σ 80, 0.821).
+    The grid uses the first. EDM denoisers (teachers, progressive-distillation
+    students): Heun with ``eval_steps`` steps. Consistency models: one step, and
+    two steps at the row's intermediate level (``two_step_sigmas``, else
+    ``two_step_ts`` of the 40-point grid).
     """
-    if training_mode in ("edm", "progdist"):
+    if recipe is None or recipe.sample_scalings == "edm":
         return (EvalSampler("heun", "heun", steps=eval_steps),)
-    if training_mode in ("ect", "ict"):
-        two = EvalSampler("twostep", "multistep", sigmas=RECIPE_TWO_STEP_SIGMAS)
+    if recipe.two_step_sigmas:
+        two = EvalSampler("twostep", "multistep", sigmas=tuple(recipe.two_step_sigmas))
     else:
-        two = EvalSampler("twostep", "multistep", steps=40, ts=CD_TWO_STEP_TS)
+        two = EvalSampler("twostep", "multistep", steps=40, ts=tuple(recipe.two_step_ts))
     return EvalSampler("onestep", "onestep"), two
+
+
+def mode_samplers(training_mode, eval_steps=18):
+    """`recipe_samplers` of a ``--training_mode`` ("edm": the EDM loop)."""
+    return recipe_samplers(None if training_mode == "edm" else get_recipe(training_mode), eval_steps)
 
 
 # ----------------------------------------------------------------------------
@@ -335,8 +340,10 @@ def grid_filename(step):
     return f"samples_{step:06d}.png"
 
 
-def build_evaluator(args, network, diffusion, training_mode, ema_rates, features=None, device="cpu"):
+def build_evaluator(args, network, diffusion, recipe, ema_rates, features=None, device="cpu"):
     """The `TrainingEvaluator` of a training script's flags; every failure is a one-line error now.
+
+    ``recipe``: the run's `cm.recipes` row (None: EDM training), which names its samplers.
 
     ``features`` (None: the FID Inception from ``--inception_path``) is only
     built when ``--eval_interval`` is on.
@@ -369,7 +376,7 @@ def build_evaluator(args, network, diffusion, training_mode, ema_rates, features
     return TrainingEvaluator(
         network,
         diffusion,
-        mode_samplers(training_mode, args.eval_steps),
+        recipe_samplers(recipe, args.eval_steps),
         image_size=args.image_size,
         class_cond=args.class_cond,
         interval=args.eval_interval,

@@ -75,10 +75,10 @@ from .fp16_util import (
     master_params_to_state_dict,
 )
 from .nn import update_ema
-from .precision import resolve_precision, store_bf16_weights, wrap as precision_wrap
+from .precision import resolve_precision, wrap as precision_wrap
 from .opt_layout import is_original_fp16_layout, to_per_parameter
 from . import recipes
-from .recipes import RECIPE_MODES  # iCT/ECT: the online network under no_grad is the target
+from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras
 from .train_eval import grid_filename
@@ -86,8 +86,6 @@ from .train_eval import grid_filename
 # Debug switch: with several processes, train WITHOUT DistributedDataParallel
 # (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
 NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
-
-CM_TRAINING_MODES = ("consistency_distillation", "consistency_training", "progdist") + RECIPE_MODES
 
 # Purposes of derived seeds, so the streams never coincide.
 _SEED_STEP, _SEED_DATA_ORDER, _SEED_FLIPS = 0, 1, 2
@@ -469,6 +467,7 @@ class TrainLoop:
         self._load_optimizer()
         self._setup_networks()
         self.ddp_model = self._wrap_model()
+        self._wrap_networks()
 
     # --- construction -----------------------------------------------------
     def _resolve_resume(self, resume_checkpoint):
@@ -577,6 +576,10 @@ class TrainLoop:
     def _setup_networks(self):
         """Hook: load/prepare the other networks once the model and optimiser exist."""
 
+    def _wrap_networks(self):
+        """The student as the losses call it, wrapped once: DDP (when distributed), then precision."""
+        self.student = self._net(self.ddp_model)
+
     def _extra_checkpoint_kinds(self):
         """Hook: kinds of the files `_extra_checkpoint_files` writes (a resumable set needs them)."""
         return ()
@@ -668,21 +671,29 @@ class TrainLoop:
     def run_step(self, batch, cond):
         """One optimiser step on ``batch``; returns whether the step was taken."""
         self._seed_step()
-        self._set_lr()
+        self._before_step()
+        self._set_lr()  # after _before_step: a fresh optimiser (progdist's new stage) runs at the logged lr
         self.forward_backward(batch, cond)
-        if self._skip_bad_step():
+        if self._skip_bad_step():  # a non-finite step is not retried: the same batch would repeat it
             self.log_step()
             self.step += 1
             return False
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
             self._update_ema()
+            self._after_step()
         self.log_step()
         if took_step:  # as in the original, a skipped fp16 step does not count
             self.step += 1
         elif hasattr(self.data, "seek"):
             self.data.seek(self.step)  # retry the same step on the same batch
         return took_step
+
+    def _before_step(self):
+        """Hook: called at the start of every step, after the step's reseeding."""
+
+    def _after_step(self):
+        """Hook: called after every taken optimiser step, after the EMA update."""
 
     def _backward(self, loss):
         """Backward of ``loss`` (NaN on the steps of the test switch CM_INJECT_NAN_STEPS)."""
@@ -745,7 +756,7 @@ class TrainLoop:
         for part, last in self._micro_batches(batch, cond):
             with self._sync_context(last):
                 losses = self.diffusion.training_losses(
-                    self._net(self.ddp_model),
+                    self.student,
                     batch[part],
                     sigmas[part],
                     model_kwargs={k: v[part] for k, v in cond.items()},
@@ -823,18 +834,19 @@ class TrainLoop:
 
 
 class CMTrainLoop(TrainLoop):
-    """Consistency distillation / training (Song et al. 2023) and progressive distillation.
+    """The consistency loop: one row of `cm.recipes.RECIPES` per ``training_mode``.
 
-    ``teacher_model``: the EDM teacher (eval mode, no gradients); when given, the
-    student (and the target) start as copies of it unless a checkpoint is
-    resumed. ``target_model``: the target network θ⁻ (consistency modes).
-    ``ema_scale_fn(step)`` gives (μ, N). In "progdist" the student is trained
-    to match two teacher steps with one; when N changes the current student
-    becomes the teacher, and the optimiser and EMAs restart. "ict" and "ect"
-    (`RECIPE_MODES`) have neither teacher nor target model: the online network
-    under no_grad is the target; ``ema_scale_fn`` gives (0, N) for iCT and
-    (0, stage) for ECT (`cm.recipes`); ``huber_c`` (None: iCT's 0.00054·√d,
-    ECT's 0), ``ect_q`` and ``p_mean``/``p_std`` (ln t ~ N(p_mean, p_std²)) configure their losses.
+    Consistency distillation / training (Song et al. 2023), progressive
+    distillation, iCT and ECT differ only in their row: its loss, its schedule
+    ``ema_scale_fn(step)`` = (target EMA μ, level: N or ECT's stage), and the
+    networks it needs. ``teacher_model``: the EDM teacher (eval mode, no
+    gradients); when given, the student (and the target) start as copies of it
+    unless a checkpoint is resumed. ``target_model``: the target network θ⁻ of
+    the rows whose target is "ema" (an "online" row's target is the student
+    under no_grad). ``huber_c`` (None: the loss's default, iCT's 0.00054·√d;
+    ECT's 0), ``ect_q``, ``p_mean``/``p_std`` (ln t ~ N(p_mean, p_std²)) and
+    ``loss_options`` (further loss flags by name) go to the row's loss.
+    ``extra_networks``: {name: module} of the row's ``extra_networks``.
     """
 
     def __init__(
@@ -850,24 +862,30 @@ class CMTrainLoop(TrainLoop):
         ect_q=2.0,
         p_mean=recipes.P_MEAN,
         p_std=recipes.P_STD,
+        loss_options=None,
+        extra_networks=None,
         **kwargs,
     ):
-        if training_mode not in CM_TRAINING_MODES:
-            raise ValueError(f"unknown training_mode {training_mode!r}; choose one of {', '.join(CM_TRAINING_MODES)}")
-        if training_mode in ("consistency_distillation", "progdist") and teacher_model is None:
+        self.recipe = row = recipes.get_recipe(training_mode)
+        if row.needs_teacher and teacher_model is None:
             raise ValueError(f"training_mode {training_mode} needs a teacher model")
-        if training_mode in ("consistency_distillation", "consistency_training") and target_model is None:
+        if row.target == "ema" and target_model is None:
             raise ValueError(f"training_mode {training_mode} needs a target model")
+        if row.target != "ema" and target_model is not None:
+            raise ValueError(f"training_mode {training_mode} has no EMA target network; pass target_model=None")
+        extra_networks = dict(extra_networks or {})
+        if sorted(extra_networks) != sorted(row.extra_networks):
+            raise ValueError(f"training_mode {training_mode} needs the extra networks {list(row.extra_networks)}")
         if not total_training_steps > 0:
             raise ValueError(f"--total_training_steps must be positive, got {total_training_steps}")
         self.training_mode = training_mode
         self.target_model = target_model
         self.teacher_model = teacher_model
         self.teacher_diffusion = teacher_diffusion
+        self.extra_networks = extra_networks
         self.ema_scale_fn = ema_scale_fn
         self.target_master_params = None
-        self.huber_c, self.ect_q = huber_c, ect_q
-        self.noise_levels = dict(p_mean=p_mean, p_std=p_std)  # ECT's t, iCT's index distribution
+        self.loss_options = {**dict(huber_c=huber_c, ect_q=ect_q, p_mean=p_mean, p_std=p_std), **(loss_options or {})}
         super().__init__(total_training_steps=total_training_steps, **kwargs)
         if self.lr_anneal_steps and self.lr_anneal_steps < total_training_steps:
             logger.log(
@@ -883,13 +901,17 @@ class CMTrainLoop(TrainLoop):
         if self.teacher_model is not None and not self.resume_checkpoint:
             load_model_state(self.model, self.teacher_model.state_dict(), "the teacher model")
 
+    def _resume_part(self, kind, module):
+        """Load the resumed set's ``kind`` file into ``module``; False when there is none."""
+        found = self._sibling(kind)
+        if found is None:
+            return False
+        load_model_state(module, found[1], found[0])
+        return True
+
     def _setup_networks(self):
         if self.target_model is not None:
-            found = self._sibling("target_model")
-            if found is not None:
-                path, state = found
-                load_model_state(self.target_model, state, path)
-            else:
+            if not self._resume_part("target_model", self.target_model):
                 self.target_model.load_state_dict(self.mp_trainer.master_params_to_state_dict())
             dist_util.sync_params(self.target_model.parameters())
             self.target_model.requires_grad_(False)
@@ -901,49 +923,54 @@ class CMTrainLoop(TrainLoop):
             if self.use_fp16:
                 self.target_model.convert_to_fp16()
         if self.teacher_model is not None:
-            if self.training_mode == "progdist":
-                found = self._sibling("teacher_model")
-                if found is not None:
-                    path, state = found
-                    load_model_state(self.teacher_model, state, path)
+            if "teacher_model" in self.recipe.checkpoint_files:
+                self._resume_part("teacher_model", self.teacher_model)
             dist_util.sync_params(self.teacher_model.parameters())
             self.teacher_model.requires_grad_(False)
             self.teacher_model.eval()
             if self.use_fp16:
                 self.teacher_model.convert_to_fp16()
-            if self.precision == "bf16" and self.training_mode == "consistency_distillation":
-                store_bf16_weights(self.teacher_model)  # frozen: autocast's numbers, cast once
+        for name, module in self.extra_networks.items():
+            self._resume_part(name, module)
+            dist_util.sync_params(module.parameters())
 
-    def run_step(self, batch, cond):
-        self._seed_step()
-        if self.training_mode == "progdist":
-            self._maybe_next_progdist_stage()
-        self._set_lr()  # after a stage change, so its fresh optimiser runs at the logged, annealed lr
-        self.forward_backward(batch, cond)
-        if self._skip_bad_step():  # a non-finite step is not retried: the same batch would repeat it
-            self.log_step()
-            self.step += 1
-            return False
-        took_step = self.mp_trainer.optimize(self.opt)
-        self.log_step()
-        if took_step:
-            self._update_ema()
-            if self.target_model is not None:
-                self._update_target_ema()
-            self.step += 1
-        elif hasattr(self.data, "seek"):
-            self.data.seek(self.step)  # retry the same step on the same batch
-        return took_step
+    def _wrap_networks(self):
+        """Every network the loss calls, wrapped once: precision (autocast), DDP for the student."""
+        super()._wrap_networks()
+        row = self.recipe
+        target = {"ema": self.target_model, "online": self.model}.get(row.target)
+        teacher = None
+        if self.teacher_model is not None:
+            # frozen: under bf16 its weights are stored in bf16 once (autocast's numbers, cast once)
+            teacher = precision_wrap(self.teacher_model, self.precision, frozen=row.frozen_bf16_teacher)
+        self.nets = recipes.Networks(
+            student=self.student,
+            target=self._net(target) if target is not None else None,
+            teacher=teacher,
+            teacher_diffusion=self.teacher_diffusion,
+            extra={name: self._net(module) for name, module in self.extra_networks.items()},
+        )
 
-    def _maybe_next_progdist_stage(self):
-        """At the first step of a new N: teacher ← student, fresh optimiser and EMAs."""
+    def _before_step(self):
+        if self.recipe.teacher_follows_student:
+            self._maybe_promote_student()
+
+    def _after_step(self):
+        if self.target_model is not None:
+            self._update_target_ema()
+        if self.recipe.after_step is not None:
+            self.recipe.after_step(self)
+
+    def _maybe_promote_student(self):
+        """At the first step of a new level (progdist's N): teacher ← student, fresh optimiser and EMAs."""
         if self.step == 0:
             return
-        scales = self.ema_scale_fn(self.step)[1]
+        level = self.ema_scale_fn(self.step)[1]
         previous = self.ema_scale_fn(self.step - 1)[1]
-        if scales == previous:
+        if level == previous:
             return
-        logger.log(f"progdist: N {previous} -> {scales} at step {self.step}; the student becomes the teacher")
+        symbol = "N" if self.recipe.level_name == "num_scales" else self.recipe.level_name
+        logger.log(f"{self.training_mode}: {symbol} {previous} -> {level} at step {self.step}; the student becomes the teacher")
         self.teacher_model.load_state_dict(self.mp_trainer.master_params_to_state_dict())
         self.opt = self._new_optimizer()
         self.ema_params = [_float_copies(self.mp_trainer.master_params) for _ in self.ema_rate]
@@ -954,63 +981,19 @@ class CMTrainLoop(TrainLoop):
         batch = batch.to(device)
         cond = {k: v.to(device) for k, v in cond.items()}
         n = batch.shape[0]
-        target_ema, num_scales = self.ema_scale_fn(self.step)
+        target_ema, level = self.ema_scale_fn(self.step)
         for part, last in self._micro_batches(batch, cond):
             micro_cond = {k: v[part] for k, v in cond.items()}
             with self._sync_context(last):
-                if self.training_mode in RECIPE_MODES:
-                    losses = self._recipe_losses(batch[part], num_scales, micro_cond)
-                elif self.training_mode == "progdist":
-                    losses = self.diffusion.progdist_losses(
-                        self._net(self.ddp_model),
-                        batch[part],
-                        num_scales,
-                        model_kwargs=micro_cond,
-                        teacher_model=self._net(self.teacher_model),
-                        teacher_diffusion=self.teacher_diffusion,
-                    )
-                else:
-                    distill = self.training_mode == "consistency_distillation"
-                    losses = self.diffusion.consistency_losses(
-                        self._net(self.ddp_model),
-                        batch[part],
-                        num_scales,
-                        model_kwargs=micro_cond,
-                        target_model=self._net(self.target_model),
-                        teacher_model=self._net(self.teacher_model) if distill else None,
-                        teacher_diffusion=self.teacher_diffusion if distill else None,
-                    )
+                losses = self.recipe.loss(self.diffusion, self.nets, batch[part], level, micro_cond, self.loss_options)
                 self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
-            if "r" in losses:
+            if "r" in losses:  # a pair of levels (t, r) per sample
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())
                 logger.logkv_mean("r_zero", (losses["r"] == 0).float().mean().item())
-        logger.logkv("stage" if self.training_mode == "ect" else "num_scales", num_scales)
+        logger.logkv(self.recipe.level_name, level)
         logger.logkv("target_ema", target_ema)
-
-    def _recipe_losses(self, x_start, num_scales, cond):
-        """iCT (N = ``num_scales``) or ECT (stage = ``num_scales``) loss terms, online weights as target."""
-        if self.training_mode == "ict":
-            return self.diffusion.ict_losses(
-                self.ddp_model,
-                x_start,
-                num_scales,
-                model_kwargs=cond,
-                target_model=self.model,
-                huber_c=self.huber_c,
-                **self.noise_levels,
-            )
-        return self.diffusion.ect_losses(
-            self.ddp_model,
-            x_start,
-            num_scales,
-            model_kwargs=cond,
-            target_model=self.model,
-            q=self.ect_q,
-            huber_c=self.huber_c or 0.0,
-            **self.noise_levels,
-        )
 
     def _update_target_ema(self):
         target_ema, _ = self.ema_scale_fn(self.step)
@@ -1019,14 +1002,15 @@ class CMTrainLoop(TrainLoop):
             master_params_to_model_params(list(self.target_model.parameters()), self.target_master_params)
 
     def _extra_checkpoint_kinds(self):
-        kinds = ["target_model"] if self.target_model is not None else []
-        return tuple(kinds + (["teacher_model"] if self.training_mode == "progdist" else []))
+        return tuple(self.recipe.checkpoint_files) + tuple(self.recipe.extra_networks)
 
     def _extra_checkpoint_files(self):
         files = []
-        if self.target_model is not None:
+        if "target_model" in self.recipe.checkpoint_files:
             files.append(("target_model", master_params_to_state_dict(self.target_model, self.target_master_params)))
-        if self.training_mode == "progdist":
+        if "teacher_model" in self.recipe.checkpoint_files:
             teacher = {k: v.float() if v.is_floating_point() else v for k, v in self.teacher_model.state_dict().items()}
             files.append(("teacher_model", teacher))
+        for name, module in self.extra_networks.items():
+            files.append((name, module.state_dict()))
         return files

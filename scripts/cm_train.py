@@ -18,39 +18,30 @@ try:
 except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
-
-from cm import dist_util, logger
-from cm.cli import OneLineArgumentParser, UsageError, on_all_ranks, run_cli
+from cm import dist_util
+from cm.cli import OneLineArgumentParser, UsageError, run_cli
 from cm.formats.model_files import adopt_network_flags, load_network_weights
 from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.recipe_flags import (
     RECIPE_FLAG_HELP,
-    RECIPE_MODES,
     apply_recipe_preset,
     check_recipe_args,
     explicit_flags,
     load_init_weights,
     recipe_flag_defaults,
 )
-from cm.recipes import recipe_ema_and_scales_fn
+from cm.recipes import get_recipe
 from cm.script_util import (
     add_dict_to_argparser,
     cm_train_defaults,
-    create_ema_and_scales_fn,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     model_and_diffusion_kwargs,
     train_defaults,
 )
 from cm.train_eval import EVAL_HELP, build_evaluator, eval_flag_defaults
-from cm.train_util import (
-    CM_TRAINING_MODES,
-    CMTrainLoop,
-    load_training_data,
-    parse_ema_rates,
-    per_rank_batch_size,
-)
+from cm.train_script import loop_kwargs, setup_run, start_run
+from cm.train_util import CMTrainLoop, parse_ema_rates
 
 HELP = {
     "schedule_sampler": "only uniform: the consistency losses draw their own noise levels (the original "
@@ -78,57 +69,34 @@ def create_argparser():
 def main(argv=None):
     parser = create_argparser()
     args = parser.parse_args(argv)
-    preset = apply_recipe_preset(args, explicit_flags(parser, argv))
-    check_recipe_args(args)
+    row = get_recipe(args.training_mode)  # every mode-dependent choice below reads this row
+    explicit = explicit_flags(parser, argv)
+    preset = apply_recipe_preset(args, explicit)
+    check_recipe_args(args, explicit)
     resolve_speed_args(args)
-    if args.training_mode not in CM_TRAINING_MODES:
-        raise ValueError(
-            f"--training_mode {args.training_mode} is not trained by cm_train.py; "
-            f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
-        )
     if args.schedule_sampler != "uniform":
         raise ValueError(
             f"--schedule_sampler {args.schedule_sampler} is not used by cm_train.py: the consistency losses draw "
             "their own noise levels (the original ignored it); leave it at uniform"
         )
-    if args.training_mode in ("consistency_distillation", "progdist") and not args.teacher_model_path:
-        raise ValueError(f"--training_mode {args.training_mode} needs --teacher_model_path (an EDM checkpoint)")
     # an EDM .pkl teacher fixes the architecture flags (teacher and student share it)
     teacher_file = adopt_network_flags(args, "teacher_model_path", model_and_diffusion_defaults())
     if teacher_file and teacher_file[1].get("training_mode", "edm") != "edm":  # JAX files do not say
         raise UsageError(f"--teacher_model_path {args.teacher_model_path} is a consistency model, not an EDM teacher")
-    # ... and so does an --init_from file of ect/ict
+    # ... and so does an --init_from file
     init_file = None
-    if args.training_mode in RECIPE_MODES and args.init_from != "none":
+    if row.init_from != "unused" and args.init_from != "none":
         init_file = adopt_network_flags(args, "init_from", model_and_diffusion_defaults())
-    if args.training_mode in RECIPE_MODES:
-        ema_scale_fn = recipe_ema_and_scales_fn(
-            args.training_mode, args.total_training_steps, args.start_scales, args.end_scales, args.ect_double
-        )
-    else:
-        ema_scale_fn = create_ema_and_scales_fn(
-            target_ema_mode=args.target_ema_mode,
-            start_ema=args.start_ema,
-            scale_mode=args.scale_mode,
-            start_scales=args.start_scales,
-            end_scales=args.end_scales,
-            total_steps=args.total_training_steps,
-            distill_steps_per_iter=args.distill_steps_per_iter,
-        )
-    log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
+    ema_scale_fn = row.schedule(args)
 
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist(timeout=args.dist_timeout)
-    batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
-    torch.manual_seed(args.seed)
-    # consistency models (ECT and iCT too) use the boundary-condition scalings; progdist students are EDM denoisers
-    distillation = args.training_mode != "progdist"
-    model_kwargs = model_and_diffusion_kwargs(args, distillation=distillation)
+    log_dir, batch_size, batch_note = setup_run(args)
+    model_kwargs = model_and_diffusion_kwargs(args, distillation=row.train_scalings == "boundary")
     model, diffusion = create_model_and_diffusion(**model_kwargs)
     load_init_weights(model, args.init_from, init_file)
     model.to(dist_util.dev())
     eval_net = copy.deepcopy(model)  # the evaluator samples its own copy, loaded with the EMA weights
-    if args.loss_norm == "lpips" and args.training_mode not in RECIPE_MODES:
+    if args.loss_norm == "lpips" and row.uses_loss_norm:
         diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
 
     teacher_model = teacher_diffusion = None
@@ -139,7 +107,7 @@ def main(argv=None):
         teacher_model.to(dist_util.dev())
 
     target_model = None
-    if args.training_mode in ("consistency_distillation", "consistency_training"):
+    if row.target == "ema":
         target_model, _ = create_model_and_diffusion(**model_kwargs)
         target_model.to(dist_util.dev())
 
@@ -147,66 +115,19 @@ def main(argv=None):
         if net is not None:
             prepare_from_args(net, args, dist_util.dev().type)
 
-    # each rank checks its own shard: agree on failure before the next collective
-    data = on_all_ranks(
-        lambda: load_training_data(
-            data_dir=args.data_dir,
-            batch_size=batch_size,
-            image_size=args.image_size,
-            class_cond=args.class_cond,
-            seed=args.seed,
-            skip_bad_images=args.skip_bad_images,
-            random_flip=args.random_flip,
-        )
-    )
-    evaluator = build_evaluator(
-        args, eval_net, diffusion, args.training_mode, parse_ema_rates(args.ema_rate), device=dist_util.dev()
-    )
+    evaluator = build_evaluator(args, eval_net, diffusion, row, parse_ema_rates(args.ema_rate), device=dist_util.dev())
     loop = CMTrainLoop(
         evaluator=evaluator,
-        model=model,
         target_model=target_model,
         teacher_model=teacher_model,
         teacher_diffusion=teacher_diffusion,
         training_mode=args.training_mode,
         ema_scale_fn=ema_scale_fn,
-        total_training_steps=args.total_training_steps,
-        diffusion=diffusion,
-        data=data,
-        batch_size=batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        logging_dir=log_dir,
-        seed=args.seed,
-        precision=args.precision,
-        max_bad_steps=args.max_bad_steps,
-        run_flags=vars(args),
-        huber_c=args.huber_c if args.training_mode in RECIPE_MODES else None,
-        ect_q=args.ect_q,
-        p_mean=args.p_mean,
-        p_std=args.p_std,
+        loss_options={flag: getattr(args, flag) for flag in row.loss_options},
+        **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )
-
-    logger.configure(dir=log_dir)
-    logger.save_args({**vars(args), "logging_dir": logger.get_dir()})
-    if batch_note:
-        logger.log(batch_note)
-    if preset:
-        logger.log(f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset))
-    logger.log(
-        f"{args.training_mode}: {dist_util.get_world_size()} process(es) x batch {batch_size}, from step {loop.step}"
-    )
-    loop.run_loop()
-    return loop
-
+    preset_note = preset and f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset)
+    return start_run(loop, args, log_dir, [batch_note, preset_note], args.training_mode)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -13,9 +13,9 @@ try:
 except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
-
-from cm import dist_util, logger
+from cm import dist_util
+from cm.cli import OneLineArgumentParser, run_cli
+from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.resample import create_named_schedule_sampler
 from cm.script_util import (
     add_dict_to_argparser,
@@ -24,10 +24,9 @@ from cm.script_util import (
     model_and_diffusion_kwargs,
     train_defaults,
 )
-from cm.cli import OneLineArgumentParser, on_all_ranks, run_cli
-from cm.precision import add_speed_flags, prepare_from_args, resolve_speed_args
 from cm.train_eval import EVAL_HELP, build_evaluator, eval_flag_defaults
-from cm.train_util import TrainLoop, load_training_data, parse_ema_rates, per_rank_batch_size
+from cm.train_script import loop_kwargs, setup_run, start_run
+from cm.train_util import TrainLoop, parse_ema_rates
 
 HELP = {
     "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
@@ -58,63 +57,21 @@ def main(argv=None):
             "--schedule_sampler uniform draws grid indices, which the original fed to the EDM loss as if they "
             "were noise levels σ; use lognormal (the default) or loss-second-moment"
         )
-    log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
-
     # Build and check everything before anything is written to the logging dir.
-    dist_util.setup_dist(timeout=args.dist_timeout)
-    batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, dist_util.get_world_size())
-    torch.manual_seed(args.seed)
+    log_dir, batch_size, batch_note = setup_run(args)
     model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
     model.to(dist_util.dev())
     eval_net = copy.deepcopy(model)  # the evaluator samples its own copy, loaded with the EMA weights
     for net in (model, eval_net):
         prepare_from_args(net, args, dist_util.dev().type)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-    # each rank checks its own shard: agree on failure before the next collective
-    data = on_all_ranks(
-        lambda: load_training_data(
-            data_dir=args.data_dir,
-            batch_size=batch_size,
-            image_size=args.image_size,
-            class_cond=args.class_cond,
-            seed=args.seed,
-            skip_bad_images=args.skip_bad_images,
-            random_flip=args.random_flip,
-        )
-    )
-    evaluator = build_evaluator(args, eval_net, diffusion, "edm", parse_ema_rates(args.ema_rate), device=dist_util.dev())
+    evaluator = build_evaluator(args, eval_net, diffusion, None, parse_ema_rates(args.ema_rate), device=dist_util.dev())
     loop = TrainLoop(
         evaluator=evaluator,
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        total_training_steps=args.total_training_steps,
-        logging_dir=log_dir,
-        seed=args.seed,
-        precision=args.precision,
-        max_bad_steps=args.max_bad_steps,
-        run_flags=vars(args),
+        **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )
-
-    logger.configure(dir=log_dir)
-    logger.save_args({**vars(args), "logging_dir": logger.get_dir()})
-    if batch_note:
-        logger.log(batch_note)
-    logger.log(f"training: {dist_util.get_world_size()} process(es) x batch {batch_size}, from step {loop.step}")
-    loop.run_loop()
-    return loop
+    return start_run(loop, args, log_dir, [batch_note], "training")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ from PIL import Image
 from cm.cli import UsageError
 from cm.metrics.evaluation import feature_stats, save_stats
 from cm.metrics.inception import FIDInceptionV3
+from cm.recipes import get_recipe
 from cm.train_eval import (
-    CD_TWO_STEP_TS,
-    RECIPE_TWO_STEP_SIGMAS,
     check_reference,
     mode_samplers,
     preserved_rng,
@@ -142,10 +141,13 @@ def test_mode_samplers():
     for mode in ("consistency_distillation", "consistency_training"):
         one, two = mode_samplers(mode)
         assert (one.name, one.sampler, two.name, two.sampler) == ("onestep", "onestep", "twostep", "multistep")
-        assert two.kwargs()["ts"] == list(CD_TWO_STEP_TS) and two.steps == 40
+        assert two.kwargs()["ts"] == [0, 22, 39] and two.steps == 40  # the original's two-step CD command
     for mode in ("ect", "ict"):
         _, two = mode_samplers(mode)
-        assert two.kwargs()["sigmas"] == list(RECIPE_TWO_STEP_SIGMAS) and two.kwargs()["ts"] is None
+        assert two.kwargs()["sigmas"] == [80.0, 0.821] and two.kwargs()["ts"] is None  # ECT's mid_t
+    # progressive distillation trains an EDM denoiser: Heun, as the teacher
+    assert [s.name for s in mode_samplers("progdist")] == ["heun"]
+    assert get_recipe("ect").two_step_sigmas == (80.0, 0.821)
 
 
 def test_preserved_rng_restores_every_global_stream():

@@ -221,6 +221,8 @@ JUDGE_FEATURES, JUDGE_STATS = "judge_features.pt", "heldout_stats.npz"
 
 def eval_argv(cfg, out, interval):
     """The training scripts' evaluation flags: the judge's features (TorchScript) against the held-out digits."""
+    if interval <= 0:
+        return []
     return [
         f"--eval_interval={interval}",
         f"--eval_num_samples={cfg.eval_num_samples}",

@@ -48,7 +48,7 @@ def per_image_noise(losses):
 
 if __name__ == "__main__":
     out_dir, global_n = sys.argv[1], int(sys.argv[2])
-    train_util.load_training_data = fixed_batches(global_n)
+    train_util.load_training_data = fixed_batches(global_n)  # what the scripts' shared builder calls
     karras_diffusion.KarrasDenoiser.consistency_losses = per_image_noise(
         karras_diffusion.KarrasDenoiser.consistency_losses
     )

@@ -1,0 +1,61 @@
+"""--precision bf16 reaches every network call of every consistency-loop mode.
+
+Each network of a real (tiny) loop gets a forward pre-hook that records whether
+bf16 autocast is on when it runs: the student's call, the EMA target's, the
+teacher's (two per Heun step, two Euler steps for progdist) and the r-call of
+iCT/ECT (the online network under no_grad). One step of each mode must show
+every one of them inside autocast, and each expected network called.
+"""
+
+import pytest
+import torch
+
+from cm import logger
+from cm.recipes import ect_ema_and_scales_fn, ict_ema_and_scales_fn
+from cm.schedules import create_ema_and_scales_fn
+from cm.train_util import CM_TRAINING_MODES
+
+from test_train_util import cm_loop, one_thread, synthetic_data  # noqa: F401  (one_thread: autouse)
+
+# mode -> (loop keywords, {network: fewest calls in one step})
+SETUPS = {
+    "consistency_distillation": (dict(), {"student": 1, "target": 1, "teacher": 2}),
+    "consistency_training": (dict(teacher=False), {"student": 1, "target": 1}),
+    "progdist": (dict(ema_scale_fn=create_ema_and_scales_fn("fixed", 0.0, "progdist", 8, 2, 4, 2)),
+                 {"student": 1, "teacher": 2}),
+    "ict": (dict(teacher=False, target_model=None, ema_scale_fn=ict_ema_and_scales_fn(16)), {"student": 2}),
+    "ect": (dict(teacher=False, target_model=None, ema_scale_fn=ect_ema_and_scales_fn(2)), {"student": 2}),
+}
+
+
+def record_autocast(module, name, calls):
+    def hook(mod, args):
+        calls.append((name, torch.is_autocast_enabled(args[0].device.type)))
+
+    return module.register_forward_pre_hook(hook)
+
+
+def test_every_mode_has_a_setup():
+    assert sorted(SETUPS) == sorted(CM_TRAINING_MODES)
+
+
+@pytest.mark.parametrize("mode", sorted(SETUPS))
+def test_bf16_runs_every_network_call_under_autocast(tmp_path, mode):
+    kw, expected = SETUPS[mode]
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    try:
+        loop = cm_loop(tmp_path, mode, precision="bf16", **kw)
+        calls = []
+        networks = {"student": loop.model, "target": loop.target_model, "teacher": loop.teacher_model}
+        for name, module in networks.items():
+            if module is not None:
+                record_autocast(module, name, calls)
+        batch, cond = next(synthetic_data())
+        loop.run_step(batch, cond)
+    finally:
+        logger.reset()
+    outside = [name for name, on in calls if not on]
+    assert not outside, f"{mode}: network calls outside bf16 autocast: {outside}"
+    counts = {name: sum(1 for n, _ in calls if n == name) for name in networks}
+    for name, fewest in expected.items():
+        assert counts[name] >= fewest, (mode, counts)
