@@ -145,7 +145,7 @@ def inception_features(path="", device="cpu", batch_size=100):
 
 
 def torchscript_features(path, device="cpu", batch_size=100, flag="--eval_features"):
-    """images ↦ features of a TorchScript network taking float NCHW images in [−1, 1] (one-line error if unloadable)."""
+    """images ↦ features of a TorchScript network of float NCHW images in [−1, 1] (one-line error if unloadable)."""
     try:
         net = torch.jit.load(path, map_location=device).eval()
     except (OSError, RuntimeError, ValueError) as e:

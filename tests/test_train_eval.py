@@ -188,15 +188,37 @@ def test_reference_statistics_from_images_and_from_stats(data, feature_net, tmp_
 # The scripts
 
 
+def ct_flags(data, feature_net, steps, evaluate=True):
+    flags = f"{SMALL} {CT} --data_dir {data / 'train'} --total_training_steps {steps} --save_interval 2"
+    if evaluate:
+        flags += (f" --eval_interval 3 --eval_num_samples 6 --eval_batch_size 4 --eval_ema 0.9 "
+                  f"--eval_ref {data / 'ref.npz'} --eval_features {feature_net}")
+    return flags
+
+
 @pytest.fixture(scope="module")
 def ct_runs(data, feature_net, tmp_path_factory):
     """The same CT run (dropout 0.1) without and with --eval_interval 3: (plain dir, evaluated dir)."""
-    base = f"{SMALL} {CT} --data_dir {data / 'train'} --total_training_steps 4 --save_interval 2"
     plain, evald = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("eval")
-    ok(run(script("cm_train.py", f"{base} --logging_dir {plain}")))
-    ok(run(script("cm_train.py", f"{base} --logging_dir {evald} --eval_interval 3 --eval_num_samples 6 "
-                  f"--eval_batch_size 4 --eval_ema 0.9 --eval_ref {data / 'ref.npz'} --eval_features {feature_net}")))
+    ok(run(script("cm_train.py", f"{ct_flags(data, feature_net, 4, evaluate=False)} --logging_dir {plain}")))
+    ok(run(script("cm_train.py", f"{ct_flags(data, feature_net, 4)} --logging_dir {evald}")))
     return plain, evald
+
+
+def test_resume_with_evaluation_is_bit_exact(ct_runs, data, feature_net, tmp_path):
+    """2 steps (evaluated at their end), auto-resume to 4: the straight run's files and its FIDs at 3 and 4."""
+    _, straight = ct_runs
+    split = tmp_path / "split"
+    ok(run(script("cm_train.py", f"{ct_flags(data, feature_net, 2)} --logging_dir {split}")))
+    ok(run(script("cm_train.py", f"{ct_flags(data, feature_net, 4)} --logging_dir {split} --resume_checkpoint auto")))
+    for name in [n for n in checkpoints(straight) if n.endswith("000004.pt")]:
+        assert (straight / name).read_bytes() == (split / name).read_bytes(), name
+
+    def evals(d):
+        return [(r["eval_step"], r["fid_onestep"], r["fid_twostep"]) for r in progress_rows(d, False) if r["eval_step"]]
+
+    # the resumed run's progress.csv starts at step 2 (the logger rewrites it)
+    assert evals(split) == evals(straight) and [e[0] for e in evals(split)] == ["3", "4"]
 
 
 def test_evaluation_changes_nothing_in_training(ct_runs):
@@ -220,14 +242,15 @@ def test_evaluation_changes_nothing_in_training(ct_runs):
 
 
 def test_grid_is_image_sample_of_the_ema_with_seed_0(data, tmp_path):
-    """samples_<step>.png is image_sample.py --seed 0 --num_samples 64 on the first EMA rate (the same noise each time)."""
+    """samples_<step>.png is image_sample.py --seed 0 --num_samples 64 of the first EMA rate (same noise each time)."""
     log_dir = tmp_path / "edm"
     ok(run(script("edm_train.py", f"{SMALL} --data_dir {data / 'train'} --total_training_steps 2 "
                   f"--save_interval 1 --ema_rate 0.9,0.99 --eval_steps 3 --logging_dir {log_dir}")))
     grids = [np.asarray(Image.open(log_dir / f"samples_{s:06d}.png")) for s in (1, 2)]
     assert not np.array_equal(grids[0], grids[1])  # trained between the two
     ok(run(script("image_sample.py", f"{NET} --model_path {log_dir / 'ema_0.9_000002.pt'} --training_mode edm "
-                  f"--sampler heun --steps 3 --seed 0 --num_samples 64 --batch_size 64 --logging_dir {tmp_path / 's'}")))
+                  f"--sampler heun --steps 3 --seed 0 --num_samples 64 --batch_size 64 "
+                  f"--logging_dir {tmp_path / 's'}")))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "samples_64x8x8x3.png")), grids[1])
 
 
@@ -259,7 +282,8 @@ def test_in_loop_fid_equals_fid_py_and_two_processes_equal_one(data, random_ince
     assert abs(logged - reference) <= 1e-6 * max(1.0, abs(reference)), (logged, reference)
     if MPIEXEC is None:
         pytest.skip("2 processes need mpiexec (on PATH or next to sys.executable)")
-    ok(run(script("edm_train.py", f"{flags} --logging_dir {tmp_path / 'two'}"), prefix=(MPIEXEC, "-n", "2", sys.executable)))
+    two_processes = (MPIEXEC, "-n", "2", sys.executable)
+    ok(run(script("edm_train.py", f"{flags} --logging_dir {tmp_path / 'two'}"), prefix=two_processes))
     two = float(progress_rows(tmp_path / "two", drop_eval=False)[-1]["fid_heun"])
     assert abs(two - logged) <= 1e-6 * max(1.0, abs(logged)), (two, logged)
     grids = [np.asarray(Image.open(tmp_path / d / "samples_000002.png")) for d in ("one", "two")]
@@ -328,7 +352,8 @@ def test_plot_progress_draws_every_panel_of_real_runs(ct_runs, tmp_path):
 
 def test_training_scripts_do_not_import_matplotlib():
     for name in ("edm_train.py", "cm_train.py"):
-        probe = (f"import sys, importlib.util; spec = importlib.util.spec_from_file_location('s', {os.path.join(SCRIPTS, name)!r}); "
+        probe = (f"import sys, importlib.util; path = {os.path.join(SCRIPTS, name)!r}; "
+                 "spec = importlib.util.spec_from_file_location('s', path); "
                  "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
                  "import cm.train_util, cm.train_eval; print('matplotlib' in sys.modules)")
         proc = ok(run(["-c", probe]))

@@ -434,7 +434,8 @@ def run_demo(out, cfg, progress=True):
     edits, edit_files = run_editing(out, cfg, student, clf, held_imgs, y_held, ref_stats, logs, commands, timings)
 
     grid_path = os.path.join(out, "comparison.png")
-    titles = [f"{r['label']}: {r['nfe']} NFE" for r in rows if r["name"] != "real"]
+    # PIL's default font has no Greek letters
+    titles = [f"{r['label']}: {r['nfe']} NFE".replace("σ", "sigma") for r in rows if r["name"] != "real"]
     scale = max(1, 32 // cfg.image_size)
     Image.fromarray(comparison_grid(panels, scale=scale, titles=titles)).save(grid_path)
     curves = write_curves(out, cfg)
@@ -465,7 +466,7 @@ CURVES = "curves.png"
 
 
 def write_curves(out, cfg):
-    """``curves.png``: every stage's Fréchet distance (and loss) over its steps; its name, or None without matplotlib."""
+    """``curves.png``: each stage's Fréchet distance (and loss) over its steps; its name (None without matplotlib)."""
     runs = [("EDM teacher", "edm"), ("CD", "cd")] + [(stage.label, stage.key) for stage in RECIPE_STAGES]
     try:
         write_progress_plot(
@@ -474,6 +475,7 @@ def write_curves(out, cfg):
             names=[name for name, _ in runs],
             only=("fid", "loss"),
             fid_title=f"Fréchet distance to the held-out digits during training ({cfg.eval_num_samples} samples)",
+            fid_label="Fréchet distance (judge features)",
         )
     except ValueError as e:  # matplotlib missing: the rest of the demo stands
         tqdm.write(f"{CURVES} not written: {e}")

@@ -85,7 +85,7 @@ def run_names(logdirs):
 PANELS = ("loss", "quarters", "lr", "grad_norm", "bad_steps", "fid")
 
 
-def _panels(runs, only=None, fid_title="FID during training"):
+def _panels(runs, only=None, fid_title="FID during training", fid_label="FID"):
     """[(title, y label, log scale, draw(ax, progress, colour, name))] of the panels some run has data for.
 
     ``only``: the `PANELS` keys to draw (default all), in that order.
@@ -128,7 +128,7 @@ def _panels(runs, only=None, fid_title="FID during training"):
         "lr": ("learning rate", "lr", False, column("lr"), has(["lr"])),
         "grad_norm": ("gradient norm", "grad norm", True, column("grad_norm"), has(["grad_norm"])),
         "bad_steps": ("bad steps (skipped, total)", "steps", False, column("bad_steps"), has(["bad_steps"])),
-        "fid": (fid_title, "FID", True, fid, has(fid_keys, "eval_step")),
+        "fid": (fid_title, fid_label, True, fid, has(fid_keys, "eval_step")),
     }
     keys = PANELS if only is None else only
     unknown = [k for k in keys if k not in candidates]
@@ -137,11 +137,13 @@ def _panels(runs, only=None, fid_title="FID during training"):
     return [candidates[k][:4] for k in keys if candidates[k][4]]
 
 
-def write_progress_plot(logdirs, out, names=None, dpi=100, only=None, fid_title="FID during training"):
+def write_progress_plot(
+    logdirs, out, names=None, dpi=100, only=None, fid_title="FID during training", fid_label="FID"
+):
     """Write the PNG of ``logdirs``' progress.csv to ``out``; returns {panel title: (x0, y0, x1, y1)} pixel boxes.
 
     Boxes are the panels' plotting areas in the PNG, origin top left.
-    ``only``/``fid_title``: see `_panels`.
+    ``only``, ``fid_title``, ``fid_label`` (its y axis): see `_panels`.
     """
     try:
         import matplotlib
@@ -158,7 +160,7 @@ def write_progress_plot(logdirs, out, names=None, dpi=100, only=None, fid_title=
     names = list(names) if names else run_names(logdirs)
     if len(names) != len(runs):
         raise UsageError(f"{len(names)} names for {len(runs)} runs")
-    panels = _panels(runs, only, fid_title)
+    panels = _panels(runs, only, fid_title, fid_label)
     if not panels:
         raise UsageError(f"{', '.join(logdirs)}: no loss, lr, grad_norm, bad_steps or fid_* columns to plot")
     cols = 2 if len(panels) > 1 else 1
