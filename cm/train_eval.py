@@ -14,14 +14,15 @@ seed `EVAL_SEED` (class labels from its seeded label stream), i.e. exactly
 ``image_sample.py --seed 0 --num_samples <eval_num_samples>`` on the EMA
 checkpoint, so ``fid.py`` on that ``.npz`` gives the logged number. Sampling is
 split over the ranks; the features are computed on rank 0 in batches of
-``feature_batch_size`` (``fid.py``'s ``--batch_size``) and the FID is shared.
+``--eval_batch_size`` (``fid.py``'s ``--batch_size``) and the FID is shared.
 
 A feature extractor is any callable mapping uint8 NHWC images [N, H, W, 3] to
 float features [N, d] (`inception_features` wraps the FID Inception; the
 digits demo passes its classifier's penultimate layer). Reference statistics
 (`reference_statistics`) come from an ``.npz`` of ``mu``/``sigma`` (what
 ``prepare_cifar10.py`` and ``fid.py --save_stats`` write) or of real images
-``arr_0``, computed once at start-up.
+``arr_0``, computed once at start-up. The samplers of a run come from its
+recipe row (`recipe_samplers`).
 
 Evaluation changes nothing in training: it samples a separate network loaded
 with the EMA weights, and the global torch/NumPy/Python RNG states are saved
