@@ -294,11 +294,47 @@ def dev():
     return torch.device("cpu")
 
 
-def _collective_device():
+def collective_device():
     """Where tensors must live for collectives of the default group."""
     if _group_ready() and dist.get_backend() == "nccl":
         return dev()
     return torch.device("cpu")
+
+
+
+def in_process_group():
+    """True when a torch.distributed group of more than one process is initialised."""
+    return _group_ready() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank of the process group (``obj`` itself without one)."""
+    if not in_process_group():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=collective_device())
+    return box[0]
+
+
+def any_rank(flag):
+    """True on every rank when ``flag`` is true on any rank (collective within a process group)."""
+    if not in_process_group():
+        return bool(flag)
+    value = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def ddp_no_buffer_broadcast():
+    """DDP keyword for "do not broadcast buffers before each forward" (the original's
+    broadcast_buffers=False; newer torch spells it forward_sync_buffers and warns on the old one)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def barrier():
@@ -333,7 +369,7 @@ def _read_on_rank0(path):
 
 def _broadcast_bytes_torch(payload):
     """Send rank 0's (status, bytes) to every rank through the process group."""
-    device = _collective_device()
+    device = collective_device()
     head = [None]
     if payload is not None:
         head = [payload if payload[0] != "ok" else ("ok", len(payload[1]))]

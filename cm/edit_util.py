@@ -37,6 +37,8 @@ from .editing import superres_observation
 from .fileio import write_atomic
 from .image_datasets import DataError, class_ids, list_image_files
 from .random_util import get_generator
+from .recipes import samples_with_boundary_scalings
+from .samplers import CHURN_DEFAULTS
 from .sample_util import (
     parse_sigmas,
     CONSISTENCY_MODES,
@@ -82,7 +84,7 @@ EDIT_HELP = {
 
 def edit_flag_defaults():
     """image_sample.py's flags less those of other samplers (editing is multistep), plus the edit flags."""
-    unused = ("sampler", "num_samples", "clip_denoised", "s_churn", "s_tmin", "s_tmax", "s_noise")  # Heun's / always on
+    unused = ("sampler", "num_samples", "clip_denoised", *CHURN_DEFAULTS)  # Heun's / always on
     flags = {k: v for k, v in sample_flag_defaults().items() if k not in unused}
     flags.update(training_mode="consistency_distillation", batch_size=16, ts="", sigmas="")
     flags.update(input="", num_images=0, mask="center", strength=20.0, noise_sigma=0.2, num_points=8)
@@ -118,7 +120,7 @@ def start_schedule(start, sigmas, sigma_min):
 
 def check_edit_args(args):
     """Validate the flags; returns (σ list, class label list or None)."""
-    if args.training_mode not in CONSISTENCY_MODES:
+    if not samples_with_boundary_scalings(args.training_mode):
         raise UsageError(f"--training_mode must be one of {', '.join(CONSISTENCY_MODES)} for editing, got {args.training_mode}")
     args.num_samples = 1  # no such flag here (the inputs set the count); check_common_args reads it
     class_labels = check_common_args(args)

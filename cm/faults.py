@@ -11,15 +11,21 @@
 * `newest_usable_checkpoint`: ``--resume_checkpoint auto``'s choice, the newest
   set whose files all exist and load; a bad newest file is a warning naming it.
 
+* `StopOnSigterm`: SIGTERM while a loop runs asks it to finish the step, save
+  and stop; every rank agrees.
+
 ``CM_INJECT_NAN_STEPS="a:b"`` (tests only) makes steps a..b-1 produce a NaN loss.
 """
 
 import io
 import os
+import signal
+import threading
 import warnings
 
 import torch
 
+from . import dist_util
 from .checkpoint import MODEL_FILE, checkpoint_filename
 from .fileio import write_atomic
 
@@ -174,3 +180,28 @@ def newest_usable_checkpoint(directory, ema_rates, extra_kinds=()):
         )
     return None
 
+
+
+class StopOnSigterm:
+    """Records SIGTERM while the loop runs; `requested()` agrees across ranks."""
+
+    _UNSET = object()
+
+    def __enter__(self):
+        self.received = False
+        self._previous = self._UNSET
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not self._UNSET:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        return False
+
+    def requested(self):
+        """True on every rank when any rank got SIGTERM (collective with several processes)."""
+        return dist_util.any_rank(self.received)

@@ -179,23 +179,33 @@ class ImageDataset(Dataset):
         return np.ascontiguousarray(arr.transpose(2, 0, 1)), out
 
 
-def _collate(items):
-    """Default collation, unless a sample failed: then pass the failure on."""
-    for item in items:
-        if isinstance(item, _BadImage):
-            return item
-    return torch.utils.data.default_collate(items)
+class PartlyBad:
+    """A batch some of whose files failed to decode: the collated rest (or None) and the failures."""
+
+    def __init__(self, good, bad):
+        self.good = good
+        self.bad = bad
+
+
+def collate(items):
+    """Default collation; samples that failed to decode are set aside in a `PartlyBad`."""
+    bad = [item for item in items if isinstance(item, _BadImage)]
+    if not bad:
+        return torch.utils.data.default_collate(items)
+    good = [item for item in items if not isinstance(item, _BadImage)]
+    return PartlyBad(torch.utils.data.default_collate(good) if good else None, bad)
 
 
 def _forever(loader):
     """Yield the loader's batches epoch after epoch, turning decode failures into DataError."""
     while True:
         for batch in loader:
-            if isinstance(batch, _BadImage):
+            if isinstance(batch, PartlyBad):
                 # Drop the loader first: the traceback keeps this frame alive, and
                 # with it the worker processes, for as long as the error is held.
                 del loader
-                raise DataError(f"cannot read image {batch.path}: {batch.reason}")
+                first = batch.bad[0]
+                raise DataError(f"cannot read image {first.path}: {first.reason}")
             yield batch
 
 
@@ -257,7 +267,7 @@ def load_data(
         shuffle=not deterministic,
         num_workers=num_workers,
         drop_last=True,
-        collate_fn=_collate,
+        collate_fn=collate,
         persistent_workers=num_workers > 0,
     )
     return _forever(loader)

@@ -39,8 +39,10 @@ from .schedules import get_sigmas_karras, karras_sigma
 class KarrasDenoiser:
     """EDM / consistency-model denoiser with its training losses.
 
-    :param distillation: use the consistency-model (boundary-condition)
-        scalings instead of EDM's.
+    :param distillation: use the boundary-condition scalings (c_skip(σ_min) = 1,
+        c_out(σ_min) = 0: every consistency model, also CT, iCT and ECT,
+        which distil nothing) instead of EDM's; the original's name, read as
+        `boundary_scalings`.
     :param loss_norm: distance of the consistency and progdist losses
         ("l1", "l2", "l2-32", "lpips").
     :param lpips_path: LPIPS weights file for ``loss_norm="lpips"`` (else the
@@ -75,6 +77,11 @@ class KarrasDenoiser:
         self._lpips = None
 
     # --- scalings ---------------------------------------------------------
+    @property
+    def boundary_scalings(self):
+        """True: the consistency models' boundary-condition scalings; False: EDM's."""
+        return self.distillation
+
     def get_snr(self, sigmas):
         return snr(sigmas)
 
@@ -89,7 +96,7 @@ class KarrasDenoiser:
 
     def denoise(self, model, x_t, sigmas, **model_kwargs):
         """Return (raw network output F, D = c_skip·x_t + c_out·F)."""
-        scalings = self.get_scalings_for_boundary_condition if self.distillation else self.get_scalings
+        scalings = self.get_scalings_for_boundary_condition if self.boundary_scalings else self.get_scalings
         c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in scalings(sigmas)]
         model_output = model(c_in * x_t, c_noise(sigmas), **model_kwargs)
         return model_output, c_out * model_output + c_skip * x_t

@@ -66,12 +66,24 @@ class AutocastModel:
         self.precision = precision
 
     def __call__(self, x, *args, **kwargs):
-        with autocast(self.precision, x.device):
+        device = (x[0] if isinstance(x, (list, tuple)) else x).device  # a list: feature maps (a GAN head)
+        with autocast(self.precision, device):
             out = self.model(x, *args, **kwargs)
-        return out.float()
+        return _to_float(out)
 
     def __getattr__(self, name):  # model attributes (dtype, num_classes, ...) stay reachable
         return getattr(self.__dict__["model"], name)
+
+
+def _to_float(out):
+    """float32 copies of the floating tensors in a network's output (a tensor, or tuples/lists/dicts of them)."""
+    if torch.is_tensor(out):
+        return out.float()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_float(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    return out
 
 
 def wrap(model, precision, frozen=False):

@@ -6,6 +6,9 @@ sample k receives the same noise whatever the batch size or number of ranks.
 ``determ-indiv`` gives each sample its own generator instead.
 """
 
+import random
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -174,3 +177,23 @@ class DeterministicIndividualGenerator(_WindowedGenerator):
         for gens in self._rngs.values():
             for i, g in enumerate(gens):
                 g.manual_seed(i + self.num_samples * seed)
+
+
+# ----------------------------------------------------------------------------
+# Seeds of the training loops: pure functions of (seed, rank, step, purpose)
+
+# Purposes of derived seeds, so the streams never coincide.
+SEED_STEP, SEED_DATA_ORDER, SEED_FLIPS = 0, 1, 2
+
+
+def derived_seed(*keys):
+    """A 63-bit seed that is a pure function of non-negative integer ``keys``."""
+    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
+    return (int(words[0]) | (int(words[1]) << 32)) & (2**63 - 1)
+
+
+def seed_all(seed):
+    """Seed torch (CPU and CUDA), NumPy's and Python's global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

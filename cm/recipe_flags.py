@@ -10,12 +10,15 @@ import argparse
 
 from .cli import UsageError
 from .formats.model_files import load_network_weights
-from .recipes import P_MEAN, P_STD, RECIPE_MODES, RECIPES, get_recipe, modes_using_flag  # noqa: F401
+from .recipes import P_MEAN, P_STD, RECIPES, get_recipe, modes_using_flag
 
 
 def recipe_flag_defaults():
-    """Flags added to cm_train.py for the recipes."""
-    return dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD)
+    """Flags added to cm_train.py for the recipes (and those a row declares in its ``flag_defaults``)."""
+    out = dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD)
+    for row in RECIPES.values():
+        out.update(row.flag_defaults)
+    return out
 
 
 RECIPE_FLAG_HELP = {
@@ -27,6 +30,9 @@ RECIPE_FLAG_HELP = {
     "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
+for _row in RECIPES.values():
+    RECIPE_FLAG_HELP.update(_row.flag_help)
+
 
 def explicit_flags(parser, argv):
     """Names of the flags given on the command line (abbreviations and --k=v included)."""
@@ -55,6 +61,8 @@ FLAG_CHECKS = {
     "p_std": (lambda v: v > 0, "must be positive"),
     "huber_c": (lambda v: v >= 0, "must be non-negative"),
 }
+for _row in RECIPES.values():
+    FLAG_CHECKS.update(_row.flag_checks)
 
 
 def check_recipe_args(args, explicit):
@@ -66,7 +74,7 @@ def check_recipe_args(args, explicit):
     row = get_recipe(mode)
     for flag in sorted(explicit):
         users = modes_using_flag(flag)
-        if users and mode not in users:
+        if users and flag not in row.flags:
             raise UsageError(f"--{flag} is for --training_mode {' or '.join(users)}, not {mode}")
     if row.init_from == "required" and not args.init_from:
         raise UsageError(
@@ -81,6 +89,11 @@ def check_recipe_args(args, explicit):
     for flag in row.flags:
         if flag in FLAG_CHECKS and not FLAG_CHECKS[flag][0](getattr(args, flag)):
             raise UsageError(f"--{flag} {FLAG_CHECKS[flag][1]}, got {getattr(args, flag)}")
+    if row.check_args is not None:
+        try:
+            row.check_args(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def load_init_weights(model, path, network=None):

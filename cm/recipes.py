@@ -33,13 +33,18 @@ about a mode, so neither ever compares a mode name:
   indices of the 40-point grid, or noise levels when given.
 
 Adding a recipe: one pure loss in `cm.losses` (denoiser callables and tensors
-in, per-sample values out), one adapter and one row here. Extension point for
-recipes with more trainable networks (e.g. DMD2's fake score and
-discriminator with their own optimiser): ``extra_networks`` names them; the
-loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
-once (precision, DDP) into ``nets.extra`` for the loss, and saves/resumes each
-as checkpoint kind ``name``; their optimiser step is the row's
-``after_step(loop)`` hook, called after each taken step.
+in, per-sample values out), one adapter here (draw the noise levels, wrap the
+networks with `denoiser`, call the loss) and one row in `RECIPES`; its own
+flags, if any, in `cm.recipe_flags`.
+
+Extension point for recipes with more trainable networks (e.g. DMD2's fake
+score and discriminator with their own optimiser): ``extra_networks`` names
+them; the loop takes them as ``CMTrainLoop(extra_networks={name: module})``, wraps each
+once under the chosen precision into ``nets.extra`` for the loss (gradients
+reach them through the same backward), saves and resumes each as checkpoint
+kind ``name``, and calls the row's ``after_step(loop)`` after each taken step:
+their optimiser steps there (tests/test_recipe_extension.py is a worked
+example). Not there yet: DDP for them and checkpointing their optimiser state.
 
 The schedules of iCT (Song & Dhariwal 2023, "Improved techniques for training
 consistency models") and ECT (Geng et al. 2024, "Consistency models made
@@ -162,6 +167,16 @@ class Networks:
     extra: dict = field(default_factory=dict)  # a row's extra_networks by name
 
 
+def denoiser(diffusion, net, model_kwargs):
+    """``net`` as the pure losses take it: (x, σ) ↦ D(x, σ) with ``diffusion``'s scalings.
+
+    What a new row's adapter passes to its loss in `cm.losses` after drawing
+    the noise levels itself (the rows below leave both to `KarrasDenoiser`'s
+    methods, the original's API).
+    """
+    return lambda x, t: diffusion.denoise(net, x, t, **model_kwargs)[1]
+
+
 def _consistency_distillation(diffusion, nets, x_start, num_scales, model_kwargs, options):
     return diffusion.consistency_losses(
         nets.student, x_start, num_scales, model_kwargs=model_kwargs, target_model=nets.target,
@@ -263,6 +278,15 @@ class Recipe:
     uses_loss_norm: bool = True  # the loss measures with --loss_norm (lpips loads up front)
     extra_networks: tuple = ()
     after_step: Optional[Callable] = None  # hook(loop) after each taken step (e.g. extra optimisers)
+    # build_extra_networks(args, teacher, make_network(dropout), batch_size) -> {name: module} (cm_train.py)
+    build_extra_networks: Optional[Callable] = None
+    new_optimizer: Optional[Callable] = None  # (params, lr, weight_decay) -> the student's optimiser; None: RAdam
+    lr_factor: Optional[Callable] = None  # (step, loss options) -> factor on --lr (a warm-up); None: 1
+    grad_clip_option: str = ""  # the loss option holding the student's max gradient norm; "": no clipping
+    flag_defaults: dict = field(default_factory=dict)  # cm_train.py flags the row adds, with their defaults
+    flag_help: dict = field(default_factory=dict)
+    flag_checks: dict = field(default_factory=dict)  # flag -> (test, what it must be)
+    check_args: Optional[Callable] = None  # (args) -> raises a one-line ValueError
     # two-step sampling of the in-training evaluation (cm.train_eval) and of the grids: indices of the
     # 40-point grid (the original's CD command), or noise levels (ECT's mid_t 0.821, used for iCT too)
     two_step_ts: tuple = (0, 22, 39)
@@ -276,6 +300,25 @@ class Recipe:
 _ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_per_iter")
 _ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
 _LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False, two_step_ts=(), two_step_sigmas=(80.0, 0.821))
+
+def _dmd2_schedule(args):
+    return lambda step: (0.0, step)  # no target; the level is the step (it seeds the per-sample draws)
+
+
+def _dmd2_row():
+    from . import dmd2_train as d
+
+    flags = ("init_from",) + tuple(d.FLAG_DEFAULTS)
+    return Recipe(
+        "dmd2", d.dmd2_loss, _dmd2_schedule, teacher="required", target="none", init_from="required",
+        train_scalings="boundary", sample_scalings="boundary", presets=d.presets, flags=flags,
+        loss_options=tuple(d.FLAG_DEFAULTS), level_name="generator_step", frozen_bf16_teacher=True,
+        uses_loss_norm=False, extra_networks=("dmd2_critic",), after_step=d.dmd2_after_step,
+        build_extra_networks=d.build_critic, new_optimizer=d.new_optimizer, lr_factor=d.lr_factor,
+        grad_clip_option="max_grad_norm", flag_defaults=dict(d.FLAG_DEFAULTS), flag_help=dict(d.FLAG_HELP),
+        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args, two_step_ts=(), two_step_sigmas=(80.0, 0.821),
+    )
+
 
 RECIPES = {
     r.name: r
@@ -302,10 +345,10 @@ RECIPES = {
             flags=("init_from", "huber_c", "p_mean", "p_std"), loss_options=("huber_c", "p_mean", "p_std"),
             **_LATER_ROW,
         ),
+        _dmd2_row(),
     )
 }
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
-RECIPE_MODES = tuple(m for m, r in RECIPES.items() if r.init_from != "unused")  # the later recipes (ect, ict)
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
 

@@ -45,6 +45,7 @@ from .fp16_util import resolve_use_fp16
 from .precision import add_speed_flags, prepare_from_args
 from .karras_diffusion import karras_sample
 from .random_util import get_generator
+from .samplers import CHURN_DEFAULTS
 from .recipes import CONSISTENCY_MODES, samples_with_boundary_scalings  # noqa: F401  (CONSISTENCY_MODES: re-exported)
 from .script_util import (
     NUM_CLASSES,
@@ -175,9 +176,8 @@ def check_sample_args(args):
     return parse_ts(args.ts, args.steps, args.sampler), class_labels
 
 
-def uses_distillation(training_mode):
-    """True for the consistency models, which sample with the boundary-condition scalings (the table's rows)."""
-    return samples_with_boundary_scalings(training_mode)
+# the original's name of "samples with the boundary-condition scalings" (a row of the recipe table)
+uses_distillation = samples_with_boundary_scalings
 
 
 # ----------------------------------------------------------------------------
@@ -270,18 +270,19 @@ def sample_images(
     clip_denoised=True,
     sigma_min=0.002,
     sigma_max=80.0,
-    s_churn=0.0,
-    s_tmin=0.0,
-    s_tmax=float("inf"),
-    s_noise=1.0,
     device=None,
     progress=True,
+    **churn,
 ):
     """Draw ``num_samples`` samples on all ranks; returns (uint8 NHWC array, int64 labels or None).
 
     Every rank gets the full result, in sample-index order. ``batch_size`` is
     per process. See the module docstring for what makes it reproducible.
+    ``churn``: heun/dpm's s_churn, s_tmin, s_tmax, s_noise (`cm.samplers.CHURN_DEFAULTS`).
     """
+    unknown = sorted(set(churn) - set(CHURN_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unexpected keyword {unknown[0]!r} (churn keywords: {', '.join(CHURN_DEFAULTS)})")
     device = device if device is not None else dist_util.dev()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     noise = get_generator(generator, num_samples, seed, rank=rank, world_size=world)
@@ -314,13 +315,10 @@ def sample_images(
             sigma_min=sigma_min,
             sigma_max=sigma_max,
             sampler=sampler,
-            s_churn=s_churn,
-            s_tmin=s_tmin,
-            s_tmax=s_tmax,
-            s_noise=s_noise,
             generator=noise,
             ts=ts,
             sigmas=sigmas,
+            **churn,
         )
         keep = min(world * batch_size, num_samples - done)  # drop the clamped padding
         images.append(gather_in_index_order(to_uint8(x))[:keep])

@@ -30,9 +30,35 @@ def _steps(n, progress):
     return tqdm(range(n), desc="sampling", leave=False) if progress else range(n)
 
 
+# Karras Alg. 2's S_churn, S_tmin, S_tmax, S_noise of heun and dpm; these values: no churn
+CHURN_DEFAULTS = dict(s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0)
+
+
+def churn_kwargs(args):
+    """The four churn keywords from an argparse namespace (or any object with those attributes)."""
+    return {name: getattr(args, name) for name in CHURN_DEFAULTS}
+
+
 def _churn(sigma, n_steps, s_churn, s_tmin, s_tmax):
     """γ of Karras Alg. 2: min(S_churn/n, √2−1) inside [S_tmin, S_tmax], else 0."""
     return min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+
+
+def _churned_slope(denoiser, x, sigmas, i, generator, callback, s_churn, s_tmin, s_tmax, s_noise):
+    """(x̂, σ̂, dx/dσ at x̂) of Karras Alg. 2 lines 4–7, shared by heun and dpm.
+
+    Raise σ_i to σ̂ = (1+γ)σ_i by adding noise (ε is drawn every step, also
+    when γ = 0, as the original does), then evaluate the ODE's slope there.
+    """
+    gamma = _churn(sigmas[i], len(sigmas) - 1, s_churn, s_tmin, s_tmax)
+    eps = generator.randn_like(x) * s_noise
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+    denoised = denoiser(x, sigma_hat * x.new_ones([x.shape[0]]))
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    return x, sigma_hat, to_d(x, sigma_hat, denoised)
 
 
 @torch.no_grad()
@@ -78,17 +104,9 @@ def sample_heun(
 ):
     """Karras et al. (2022) Alg. 2: Heun's method with stochastic churn."""
     s_in = x.new_ones([x.shape[0]])
-    n = len(sigmas) - 1
-    for i in _steps(n, progress):
-        gamma = _churn(sigmas[i], n, s_churn, s_tmin, s_tmax)
-        eps = generator.randn_like(x) * s_noise  # drawn every step, as the original
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
-        denoised = denoiser(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    for i in _steps(len(sigmas) - 1, progress):
+        x, sigma_hat, d = _churned_slope(denoiser, x, sigmas, i, generator, callback, *churn)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt  # Euler step to σ = 0
@@ -114,19 +132,10 @@ def sample_dpm(
 ):
     """DPM-Solver-2 style midpoint sampler (Karras et al. 2022, with churn)."""
     s_in = x.new_ones([x.shape[0]])
-    n = len(sigmas) - 1
-    for i in _steps(n, progress):
-        gamma = _churn(sigmas[i], n, s_churn, s_tmin, s_tmax)
-        eps = generator.randn_like(x) * s_noise
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
-        denoised = denoiser(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        # midpoint in σ^{1/3}
-        sigma_mid = ((sigma_hat ** (1 / 3) + sigmas[i + 1] ** (1 / 3)) / 2) ** 3
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    for i in _steps(len(sigmas) - 1, progress):
+        x, sigma_hat, d = _churned_slope(denoiser, x, sigmas, i, generator, callback, *churn)
+        sigma_mid = ((sigma_hat ** (1 / 3) + sigmas[i + 1] ** (1 / 3)) / 2) ** 3  # midpoint in σ^{1/3}
         x_2 = x + d * (sigma_mid - sigma_hat)
         d_2 = to_d(x_2, sigma_mid, denoiser(x_2, sigma_mid * s_in))
         x = x + d_2 * (sigmas[i + 1] - sigma_hat)

@@ -23,6 +23,15 @@ def karras_sigma(u, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
     return (max_inv_rho + u * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def karras_ramp_position(sigma, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
+    """Where σ lies on the ρ-ramp: (σ^{1/ρ} − σ_min^{1/ρ})/(σ_max^{1/ρ} − σ_min^{1/ρ}), 0 at σ_min, 1 at σ_max.
+
+    The inverse of `karras_sigma` read from the other end: karras_sigma(1 − p) = σ.
+    """
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (sigma ** (1 / rho) - lo) / (hi - lo)
+
+
 def sigma_at(i, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
     """σ_i of an n-point ρ-schedule (i = 0 gives σ_max, i = n−1 gives σ_min)."""
     return karras_sigma(i / (n - 1), sigma_min, sigma_max, rho)

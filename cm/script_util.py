@@ -9,7 +9,7 @@ from .precond import WEIGHT_SCHEDULES
 from .random_util import GENERATORS
 from .recipes import CM_TRAINING_MODES
 from .resample import SCHEDULE_SAMPLERS
-from .samplers import SAMPLERS
+from .samplers import CHURN_DEFAULTS, SAMPLERS
 from .schedules import create_ema_and_scales_fn  # noqa: F401  (public path of the original)
 from .song_unet import song_unet_from_flags
 from .unet import UNetModel
@@ -107,10 +107,7 @@ def sample_defaults():
         num_samples=10000,
         batch_size=16,
         sampler="heun",
-        s_churn=0.0,
-        s_tmin=0.0,
-        s_tmax=float("inf"),
-        s_noise=1.0,
+        **CHURN_DEFAULTS,
         steps=40,
         model_path="",
         seed=42,
@@ -239,7 +236,11 @@ def create_model_and_diffusion(
     augment_dim=0,
     label_dropout=0.0,
 ):
-    """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser."""
+    """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser.
+
+    ``distillation`` (the original's keyword): use the boundary-condition
+    scalings, as every consistency model does (the table's ``"boundary"`` rows).
+    """
     model = create_model(
         image_size,
         num_channels,

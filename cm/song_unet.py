@@ -252,6 +252,7 @@ class SongUNet(nn.Module):
         self.augment_dim = augment_dim
         self.label_dropout = label_dropout
         self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.feature_suffix = f"_block{num_blocks - 1}"  # feature taps: each level's last block
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
@@ -353,8 +354,14 @@ class SongUNet(nn.Module):
             raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
         return F.one_hot(y.long(), self.label_dim).float()
 
-    def forward_edm(self, x, c_noise, class_labels=None, augment_labels=None):
-        """EDM's own calling convention: F(x, c_noise = ln(σ)/4, one-hot labels)."""
+    def forward_edm(self, x, c_noise, class_labels=None, augment_labels=None, return_features=False):
+        """EDM's own calling convention: F(x, c_noise = ln(σ)/4, one-hot labels).
+
+        ``return_features``: also return the encoder features, the outputs of each
+        resolution level's last block ``{res}x{res}_block{num_blocks-1}``
+        (highest resolution first; the last one is the bottleneck).
+        """
+        features = []
         emb = self.embed(c_noise.float().reshape(-1), class_labels, augment_labels)
         out_dtype = x.dtype
         x = x.to(self.dtype)
@@ -370,6 +377,8 @@ class SongUNet(nn.Module):
             elif isinstance(m, UNetBlock):
                 x = m(x, emb)
                 skips.append(x)
+                if name.endswith(self.feature_suffix):
+                    features.append(x)
             else:
                 x = m(x)
                 skips.append(x)
@@ -387,13 +396,14 @@ class SongUNet(nn.Module):
                 if x.shape[1] != m.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = m(x, emb)
-        return aux.to(out_dtype)
+        out = aux.to(out_dtype)
+        return (out, features) if return_features else out
 
-    def forward(self, x, timesteps, y=None, augment_labels=None):
+    def forward(self, x, timesteps, y=None, augment_labels=None, return_features=False):
         """Apply to an NCHW batch; ``timesteps`` = 250·ln σ, ``y`` integer labels."""
         c_noise = timesteps.to(torch.float32) / 1000  # ln(σ)/4
         labels = self.one_hot(y, x.shape[0], x.device)
-        return self.forward_edm(x, c_noise, labels, augment_labels)
+        return self.forward_edm(x, c_noise, labels, augment_labels, return_features)
 
 
 def song_unet_from_flags(

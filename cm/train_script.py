@@ -8,8 +8,27 @@ import os
 
 import torch
 
-from . import dist_util, logger, train_util
-from .cli import on_all_ranks
+from . import dist_util, logger, step_data
+from .cli import UsageError, on_all_ranks
+
+
+def per_rank_batch_size(global_batch_size, batch_size, world_size):
+    """(per-process batch size, warning text or None); batch_size -1 splits the global one."""
+    if batch_size > 0:
+        return batch_size, None
+    if batch_size != -1:
+        raise ValueError(f"--batch_size must be positive or -1, got {batch_size}")
+    per_rank = global_batch_size // world_size
+    if per_rank < 1:
+        # every rank has it: a UsageError, printed once
+        raise UsageError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
+    note = None
+    if global_batch_size % world_size:
+        note = (
+            f"WARNING: global_batch_size {global_batch_size} is not divisible by {world_size} processes; "
+            f"using {per_rank} per process ({per_rank * world_size} in all)"
+        )
+    return per_rank, note
 
 
 def setup_run(args):
@@ -17,7 +36,7 @@ def setup_run(args):
     log_dir = os.path.expanduser(args.logging_dir or os.environ.get("OPENAI_LOGDIR", "")) or None
     dist_util.setup_dist(timeout=args.dist_timeout)
     world = dist_util.get_world_size()
-    batch_size, batch_note = train_util.per_rank_batch_size(args.global_batch_size, args.batch_size, world)
+    batch_size, batch_note = per_rank_batch_size(args.global_batch_size, args.batch_size, world)
     torch.manual_seed(args.seed)
     return log_dir, batch_size, batch_note
 
@@ -25,7 +44,7 @@ def setup_run(args):
 def training_data(args, batch_size):
     """This rank's `StepBatches` of --data_dir; each rank checks its own shard, all agree on a failure."""
     return on_all_ranks(
-        lambda: train_util.load_training_data(
+        lambda: step_data.load_training_data(
             data_dir=args.data_dir,
             batch_size=batch_size,
             image_size=args.image_size,

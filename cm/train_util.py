@@ -1,94 +1,67 @@
-"""Training loops: EDM denoiser training (`TrainLoop`) and consistency distillation,
-consistency training and progressive distillation (`CMTrainLoop`).
+"""Training loops: EDM denoiser training (`TrainLoop`) and the consistency loop
+(`CMTrainLoop`), which trains every row of the recipe table `cm.recipes`.
 
 One step k (0-based) of either loop:
 
 1. when a seed is given, reseed torch/NumPy/random from (seed, rank, k), so
    the noise levels, noise and dropout of step k do not depend on how the run
-   got there (resuming is exact);
-2. take the next batch; with `StepBatches` (what the scripts use) batch k is
-   itself a function of (seed, rank, k);
+   got there; with `StepBatches` (what the scripts use) batch k is itself a
+   function of (seed, rank, k);
+2. ``_before_step()`` (progdist: a new N makes the student the teacher);
 3. split the batch into micro-batches and accumulate their gradients, each
    weighted by its share of the batch, so the sum is the batch-mean gradient
    whatever the micro-batch size; under DistributedDataParallel only the last
    micro-batch all-reduces;
 4. one RAdam step at lr·(1 − k/lr_anneal_steps) (constant when 0), skipped in
    fp16 when the gradients overflow (see `MixedPrecisionTrainer`);
-5. EMA updates ema_r ← r·ema_r + (1−r)·θ for every rate r; in the consistency
-   loop also the target θ⁻ ← μ·θ⁻ + (1−μ)·θ with μ from ``ema_scale_fn(k)``.
+5. EMA updates ema_r ← r·ema_r + (1−r)·θ for every rate r, then
+   ``_after_step()`` (the target θ⁻ ← μ·θ⁻ + (1−μ)·θ, μ from ``ema_scale_fn(k)``).
 
 After it, ``loop.step`` = k+1 steps are done; checkpoints carry that number.
 A skipped fp16 step does not count and is retried on the same batch (the
 original also counts only taken steps, but draws a new batch).
 
-Resuming is bit-exact (tested on CPU: 4 straight steps and 2 + resume + 2
-give identical model, EMA, optimiser and target files) because nothing a step
+Resuming is bit-exact (tested on CPU for every mode) because nothing a step
 does depends on the path to it: RNGs and data are functions of (seed, rank,
-k), the learning rate of k, and the checkpoint holds the rest (the fp16 loss
-scale rides in the opt file). Not covered: the loss-second-moment sampler's
-loss history (not checkpointed), a different world size or batch size, and
-non-deterministic CUDA kernels. Schedules that depend on
-total_training_steps (progressive N, adaptive μ) of course differ between
-runs given different totals.
+k), the learning rate of k, and the checkpoint set (`cm.checkpoint_set`) holds
+the rest. Not covered: the loss-second-moment sampler's loss history (not
+checkpointed), a different world size or batch size, non-deterministic CUDA
+kernels; schedules of total_training_steps differ between different totals.
 
-Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``,
+Logged per step: every loss term, its mean per noise bin ``<term>_q0..q3``
+(fixed quarters of the ρ-ramp between σ_min and σ_max, the original's
+``4·t/T`` quartile: q0 is σ < 0.169, q1 up to 2.51, q2 up to 17.5, q3 above),
 grad_norm, param_norm, lr, lg_loss_scale (fp16), bad_steps (non-fp16: steps
-skipped so far for a non-finite loss or gradient), step (index of the step just
-taken) and samples = (step+1)·global batch; the consistency loop adds
-num_scales (ECT: stage) and target_ema, and for iCT/ECT t_mean, r_over_t
-(mean r/t of the pair of noise levels) and r_zero (share of r = 0). Noise bins are FIXED quarters of the Karras
-ρ-ramp between σ_min and σ_max (the original's ``4·t/T`` quartile applied to
-the position on the ρ-schedule): q0 is σ < 0.169, q1 up to 2.51, q2 up to
-17.5, q3 above (for σ_min 0.002, σ_max 80, ρ 7). Fixed bins, unlike quartiles
-of each batch, compare across steps and between the two loops.
+skipped for a non-finite loss or gradient), step and samples = (step+1)·global
+batch; the consistency loop adds its row's level (num_scales, or ECT's stage)
+and target_ema, and for a loss of pairs (iCT/ECT) t_mean, r_over_t (mean r/t)
+and r_zero (share of r = 0).
 """
 
 import contextlib
-import inspect
 import os
-import random
-import signal
-import threading
-import warnings
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim import RAdam
-from torch.utils.data import DataLoader
 
-from . import dist_util, faults, image_datasets, logger, run_metadata
-from .checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    checkpoint_filename,
-    load_model_state,
-    parse_resume_step,
-    read_checkpoint,
-    strip_wrapper_prefix,
-)
-from .cli import UsageError, on_all_ranks
-from .fp16_util import (
-    MixedPrecisionTrainer,
-    master_params_to_model_params,
-    master_params_to_state_dict,
-)
+from . import dist_util, faults, logger, recipes, run_metadata
+from .checkpoint import load_model_state
+from .checkpoint_set import CheckpointSet, float_copies
+from .cli import on_all_ranks
+from .fp16_util import MixedPrecisionTrainer, master_params_to_model_params, master_params_to_state_dict
 from .nn import update_ema
 from .precision import resolve_precision, wrap as precision_wrap
-from .opt_layout import is_original_fp16_layout, to_per_parameter
-from . import recipes
+from .random_util import SEED_STEP, derived_seed, seed_all  # noqa: F401  (derived_seed, seed_all: re-exported)
 from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
-from .schedules import get_sigmas_karras
+from .schedules import get_sigmas_karras, karras_ramp_position
+from .step_data import StepBatches  # noqa: F401  (re-exported: tests import it from here)
 from .train_eval import grid_filename
+from .train_script import per_rank_batch_size  # noqa: F401  (re-exported)
 
 # Debug switch: with several processes, train WITHOUT DistributedDataParallel
 # (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
 NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
-
-# Purposes of derived seeds, so the streams never coincide.
-_SEED_STEP, _SEED_DATA_ORDER, _SEED_FLIPS = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------
@@ -113,43 +86,10 @@ def parse_ema_rates(ema_rate):
     return rates
 
 
-def per_rank_batch_size(global_batch_size, batch_size, world_size):
-    """(per-process batch size, warning text or None); batch_size -1 splits the global one."""
-    if batch_size > 0:
-        return batch_size, None
-    if batch_size != -1:
-        raise ValueError(f"--batch_size must be positive or -1, got {batch_size}")
-    per_rank = global_batch_size // world_size
-    if per_rank < 1:
-        # every rank has it: a UsageError, printed once
-        raise UsageError(f"--global_batch_size {global_batch_size} is smaller than the {world_size} processes")
-    note = None
-    if global_batch_size % world_size:
-        note = (
-            f"WARNING: global_batch_size {global_batch_size} is not divisible by {world_size} processes; "
-            f"using {per_rank} per process ({per_rank * world_size} in all)"
-        )
-    return per_rank, note
-
-
-def derived_seed(*keys):
-    """A 63-bit seed that is a pure function of non-negative integer ``keys``."""
-    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
-    return (int(words[0]) | (int(words[1]) << 32)) & (2**63 - 1)
-
-
-def seed_all(seed):
-    """Seed torch (CPU and CUDA), NumPy's and Python's global generators."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def noise_bins(sigmas, sigma_min, sigma_max, rho=7.0):
     """Bin 0..3 per σ: quarters of the ρ-ramp from σ_min (bin 0) to σ_max (bin 3)."""
-    s = sigmas.detach().float().clamp(sigma_min, sigma_max) ** (1 / rho)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return ((s - lo) / (hi - lo) * 4).floor().clamp(0, 3).long()
+    position = karras_ramp_position(sigmas.detach().float().clamp(sigma_min, sigma_max), sigma_min, sigma_max, rho)
+    return (position * 4).floor().clamp(0, 3).long()
 
 
 def log_loss_dict(diffusion, sigmas, losses):
@@ -162,224 +102,11 @@ def log_loss_dict(diffusion, sigmas, losses):
             logger.logkv_mean(f"{key}_q{b}", v)
 
 
-def _float_copies(params):
-    """Detached float32 copies (EMA and target masters)."""
-    return [p.detach().to(torch.float32, copy=True) for p in params]
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _collective_device():
-    if _distributed() and dist.get_backend() == "nccl":
-        return dist_util.dev()
-    return torch.device("cpu")
-
-
-def _no_buffer_broadcast():
-    """DDP keyword for "do not broadcast buffers before each forward" (the original's
-    broadcast_buffers=False; newer torch spells it forward_sync_buffers and warns on the old one)."""
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
-
-
-def _broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=_collective_device())
-    return box[0]
-
-
-# ----------------------------------------------------------------------------
-# Data whose batch k depends only on (seed, rank, k)
-
-
-class _PartlyBad:
-    """A batch some of whose files failed to decode: the collated rest (or None) and the failures."""
-
-    def __init__(self, good, bad):
-        self.good = good
-        self.bad = bad
-
-
-def _collate(items):
-    """Default collation; samples that failed to decode are set aside in a `_PartlyBad`."""
-    good = [item for item in items if isinstance(item, tuple)]
-    if len(good) == len(items):
-        return tuple(torch.utils.data.default_collate(items))
-    bad = [item for item in items if not isinstance(item, tuple)]
-    return _PartlyBad(tuple(torch.utils.data.default_collate(good)) if good else None, bad)
-
-
-class _StepBatchSampler:
-    """Index lists of batches start, start+1, ... of a `StepBatches` (endless)."""
-
-    def __init__(self, batches, start):
-        self.batches = batches
-        self.start = start
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            yield self.batches.indices(step)
-            step += 1
-
-
-class StepBatches:
-    """Endless (images, cond) batches where batch k is a function of (seed, rank, k).
-
-    Epoch e = k // (len(dataset) // batch_size) visits this rank's shard in a
-    permutation seeded by (seed, rank, e) (the last partial batch is dropped,
-    as with ``drop_last``); each batch's left-right flips are drawn from a
-    generator seeded by (seed, rank, k). ``seek(k)`` makes the next batch batch
-    k, which is how a resumed run continues exactly where it stopped.
-    ``dataset`` is an `image_datasets.ImageDataset` built without random flips.
-    Images are decoded when their batch is due: an unreadable one is a one-line
-    DataError naming it, or with ``skip_bad_images`` a warning, and the batch
-    goes on without it.
-    """
-
-    def __init__(self, dataset, batch_size, seed=0, rank=None, random_flip=True, num_workers=1,
-                 skip_bad_images=False):
-        if len(dataset) < batch_size:
-            raise ValueError(f"{len(dataset)} images in this shard, fewer than the batch size {batch_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = dist_util.get_rank() if rank is None else rank
-        self.random_flip = random_flip
-        self.num_workers = num_workers
-        self.skip_bad_images = skip_bad_images
-        self.steps_per_epoch = len(dataset) // batch_size
-        self._step = 0
-        self._iter = None
-        self._perm = (None, None)
-
-    def indices(self, step):
-        """Dataset indices of batch ``step``."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, epoch, _SEED_DATA_ORDER))
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
-        return self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
-
-    def seek(self, step):
-        """Make the next batch batch ``step``."""
-        if step != self._step or self._iter is None:
-            self._iter = None
-            self._step = step
-
-    def __iter__(self):
-        return self
-
-    def _without_bad_images(self, batch):
-        """The readable part of a batch, or a DataError naming the first unreadable file."""
-        first = batch.bad[0]
-        if not self.skip_bad_images:
-            raise image_datasets.DataError(f"cannot read image {first.path}: {first.reason}")
-        for item in batch.bad:
-            warnings.warn(f"--skip_bad_images: leaving out unreadable image {item.path} ({item.reason})", stacklevel=3)
-        if batch.good is None:
-            raise image_datasets.DataError(f"every image of batch {self._step} is unreadable, e.g. {first.path}")
-        return batch.good
-
-    def __next__(self):
-        if self._iter is None:
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=_StepBatchSampler(self, self._step),
-                num_workers=self.num_workers,
-                collate_fn=_collate,
-            )
-            self._iter = iter(loader)
-        batch = next(self._iter)
-        if isinstance(batch, _PartlyBad):
-            batch = self._without_bad_images(batch)
-        images, cond = batch
-        if self.random_flip:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, self._step, _SEED_FLIPS))
-            flip = torch.rand(images.shape[0], generator=g) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        self._step += 1
-        return images, cond
-
-
-def load_training_data(
-    *, data_dir, batch_size, image_size, class_cond=False, seed=0, random_flip=True, num_workers=1,
-    skip_bad_images=False,
-):
-    """This rank's training batches as `StepBatches`, after `image_datasets.load_data`'s checks.
-
-    The folder is validated by ``load_data`` itself (same one-line DataErrors);
-    its files, classes, sharding and preprocessing are reused as they are.
-    Images are not opened up front (50k files): each is decoded when first due.
-    """
-    image_datasets.load_data(
-        data_dir=data_dir,
-        batch_size=batch_size,
-        image_size=image_size,
-        class_cond=class_cond,
-        num_workers=0,
-        check_images=False,
-    )
-    files = image_datasets.list_image_files(data_dir)
-    classes = image_datasets.class_ids(files) if class_cond else None
-    dataset = image_datasets.ImageDataset(
-        image_size,
-        files,
-        classes=classes,
-        shard=dist_util.get_rank(),
-        num_shards=dist_util.get_world_size(),
-        random_flip=False,
-    )
-    return StepBatches(
-        dataset, batch_size, seed=seed, random_flip=random_flip, num_workers=num_workers,
-        skip_bad_images=skip_bad_images,
-    )
-
-
-# ----------------------------------------------------------------------------
-# SIGTERM: finish the step, save, stop
-
-
-class _StopOnSigterm:
-    """Records SIGTERM while the loop runs; `requested()` agrees across ranks."""
-
-    _UNSET = object()
-
-    def __enter__(self):
-        self.received = False
-        self._previous = self._UNSET
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._previous is not self._UNSET:
-            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-        return False
-
-    def requested(self):
-        """True on every rank when any rank got SIGTERM (collective with several processes)."""
-        if not _distributed():
-            return self.received
-        flag = torch.tensor([int(self.received)], device=_collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 # ----------------------------------------------------------------------------
 # The EDM loop
 
 
-class TrainLoop:
+class TrainLoop(CheckpointSet):
     """EDM training of a denoiser (Karras et al. 2022) with RAdam, EMAs and checkpoints.
 
     Extra keywords over the original: ``total_training_steps`` (stop after
@@ -458,9 +185,7 @@ class TrainLoop:
         if self.rank == 0 and self.resume_checkpoint:
             run_metadata.warn_changed_flags(self.resume_checkpoint, run_flags, self.world_size)
         self._load_model()
-        self.mp_trainer = MixedPrecisionTrainer(
-            model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
-        )
+        self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth)
         self.use_fp16 = self.mp_trainer.use_fp16
         self.opt = self._new_optimizer()
         self.ema_params = [self._load_ema(rate) for rate in self.ema_rate]
@@ -470,109 +195,6 @@ class TrainLoop:
         self._wrap_networks()
 
     # --- construction -----------------------------------------------------
-    def _resolve_resume(self, resume_checkpoint):
-        """The model file to resume from, or None; "auto" = newest usable set in logging_dir."""
-        if resume_checkpoint != "auto":
-            return resume_checkpoint or None
-        path = None
-        if self.rank == 0:
-            path = faults.newest_usable_checkpoint(self.logging_dir, self.ema_rate, self._extra_checkpoint_kinds())
-        path = _broadcast_object(path)
-        if path is None:
-            logger.log(f"--resume_checkpoint auto: no checkpoint in {self.logging_dir}; starting from scratch")
-        return path
-
-    def _initial_weights(self):
-        """Hook: set the model's weights before a checkpoint (if any) is loaded."""
-
-    def _load_model(self):
-        self._initial_weights()
-        if self.resume_checkpoint:
-            try:
-                self.step = parse_resume_step(self.resume_checkpoint)
-            except CheckpointError:
-                # the original's parse_resume_step_from_filename: any other name (an EMA file) is step 0
-                self._weights_only = True
-                logger.log(
-                    f"WARNING: --resume_checkpoint {self.resume_checkpoint} is not a modelNNNNNN.pt file: "
-                    "its weights initialise the model at step 0; no EMA, optimiser or target file is loaded"
-                )
-            logger.log(f"loading model from checkpoint: {self.resume_checkpoint}")
-            state = read_checkpoint(self.resume_checkpoint)
-            load_model_state(self.model, state, self.resume_checkpoint)
-        dist_util.sync_params(self.model.parameters())
-        dist_util.sync_params(self.model.buffers())
-
-    def _sibling(self, kind, rate=None):
-        """(path, state) of a part of the resumed checkpoint, or None when absent."""
-        if not self.resume_checkpoint or self._weights_only:
-            return None
-        name = checkpoint_filename(kind, self.step, rate)
-        path = os.path.join(os.path.dirname(self.resume_checkpoint), name)
-        try:
-            state = read_checkpoint(path)
-        except FileNotFoundError:
-            logger.log(f"no {name} beside {self.resume_checkpoint}; starting it from the model")
-            return None
-        logger.log(f"loading {path}")
-        return path, state
-
-    def _load_params(self, path, state):
-        """Float32 parameter list (model order) from a state_dict, checked against the model."""
-        state, _ = strip_wrapper_prefix(state, self.model.state_dict())
-        check_state_dict(self.model.state_dict(), state, path)
-        return _float_copies(self.mp_trainer.state_dict_to_master_params(state))
-
-    def _load_ema(self, rate):
-        found = self._sibling("ema", rate)
-        if found is None:
-            return _float_copies(self.mp_trainer.master_params)
-        return self._load_params(*found)
-
-    def _new_optimizer(self):
-        return RAdam(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
-
-    def _load_optimizer(self):
-        found = self._sibling("opt")
-        if found is None:
-            return
-        path, state = found
-        state = dict(state)
-        lg_loss_scale = state.pop("lg_loss_scale", None)
-        shapes = [tuple(p.shape) for p in self.model.parameters()]
-        if is_original_fp16_layout(state, shapes):
-            logger.log(f"{path}: the original's float16 layout (two flat master tensors); split per parameter")
-            state = to_per_parameter(state, shapes)
-        self._check_optimizer_state(path, state)
-        try:
-            self.opt.load_state_dict(state)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path} does not fit the model built from the flags: {exc}") from None
-        for group in self.opt.param_groups:
-            group["weight_decay"] = self.weight_decay
-        if lg_loss_scale is not None and self.mp_trainer.loss_scaling:
-            self.mp_trainer.lg_loss_scale = float(lg_loss_scale)
-
-    def _check_optimizer_state(self, path, state):
-        """One-line error when the optimiser state's parameters do not match the model's."""
-        if not isinstance(state.get("state"), dict) or not isinstance(state.get("param_groups"), list):
-            raise CheckpointError(f"{path}: not an optimiser state_dict")
-        params = self.mp_trainer.master_params
-        saved = [i for g in state["param_groups"] for i in g.get("params", [])]
-        if len(saved) != len(params):
-            raise CheckpointError(
-                f"{path} does not fit the model built from the flags: "
-                f"{len(saved)} parameters in the optimiser state, {len(params)} in the model"
-            )
-        names = [name for name, _ in self.model.named_parameters()]
-        for index, p, name in zip(saved, params, names):
-            for key, value in state["state"].get(index, {}).items():
-                if torch.is_tensor(value) and value.ndim > 0 and tuple(value.shape) != tuple(p.shape):
-                    raise CheckpointError(
-                        f"{path} does not fit the model built from the flags: optimiser {key} of {name} "
-                        f"has shape {tuple(value.shape)} in the checkpoint, {tuple(p.shape)} in the model"
-                    )
-
     def _setup_networks(self):
         """Hook: load/prepare the other networks once the model and optimiser exist."""
 
@@ -580,12 +202,8 @@ class TrainLoop:
         """The student as the losses call it, wrapped once: DDP (when distributed), then precision."""
         self.student = self._net(self.ddp_model)
 
-    def _extra_checkpoint_kinds(self):
-        """Hook: kinds of the files `_extra_checkpoint_files` writes (a resumable set needs them)."""
-        return ()
-
     def _wrap_model(self):
-        if not _distributed():
+        if not dist_util.in_process_group():
             return self.model
         if os.environ.get(NO_GRAD_SYNC_ENV):
             logger.log(f"WARNING: {NO_GRAD_SYNC_ENV} is set: gradients are NOT synchronised across processes")
@@ -596,7 +214,7 @@ class TrainLoop:
             device_ids=[dist_util.dev()] if cuda else None,
             output_device=dist_util.dev() if cuda else None,
             bucket_cap_mb=128,
-            **_no_buffer_broadcast(),
+            **dist_util.ddp_no_buffer_broadcast(),
             find_unused_parameters=False,
         )
 
@@ -612,7 +230,7 @@ class TrainLoop:
         if hasattr(self.data, "seek"):
             self.data.seek(self.step)
         start, logged = self.step, self.step
-        with _StopOnSigterm() as stop:
+        with faults.StopOnSigterm() as stop:
             while not self.finished():
                 before = self.step
                 # a bad image on one rank ends every rank with its line, not a lost-peer error
@@ -658,12 +276,16 @@ class TrainLoop:
 
     def _seed_step(self):
         if self.seed is not None:
-            seed_all(derived_seed(self.seed, self.rank, self.step, _SEED_STEP))
+            seed_all(derived_seed(self.seed, self.rank, self.step, SEED_STEP))
+
+    def _lr_factor(self):
+        """Hook: a factor on the lr of this step (a recipe's warm-up); 1."""
+        return 1.0
 
     def _set_lr(self):
-        lr = self.lr
+        lr = self.lr * self._lr_factor()
         if self.lr_anneal_steps:
-            lr = self.lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
+            lr = lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         logger.logkv("lr", lr)
@@ -717,6 +339,12 @@ class TrainLoop:
         self.bad_steps.bad(self.step, self._last_checkpoint)
         return True
 
+    def _start_batch(self, batch, cond):
+        """Zero the gradients; the batch and its conditioning on this process's device."""
+        self.mp_trainer.zero_grad()
+        device = dist_util.dev()
+        return batch.to(device), {k: v.to(device) for k, v in cond.items()}
+
     def _micro_batches(self, batch, cond):
         """(slice, is_last) over the batch in micro-batch pieces."""
         n = batch.shape[0]
@@ -744,11 +372,8 @@ class TrainLoop:
         return sigmas, weights, None
 
     def forward_backward(self, batch, cond):
-        self.mp_trainer.zero_grad()
-        device = dist_util.dev()
-        batch = batch.to(device)
-        cond = {k: v.to(device) for k, v in cond.items()}
-        n = batch.shape[0]
+        batch, cond = self._start_batch(batch, cond)
+        n, device = batch.shape[0], batch.device
         # σ and noise for the whole batch first: micro-batching changes nothing but memory
         sigmas, weights, indices = self._sample_sigmas(n, device)
         noise = torch.randn_like(batch)
@@ -776,57 +401,13 @@ class TrainLoop:
         logger.logkv("step", self.step)
         logger.logkv("samples", (self.step + 1) * self.global_batch)
 
-    # --- checkpoints --------------------------------------------------------
-    def checkpoint_dir(self):
-        """Where checkpoints go: logging_dir, else the logger's directory."""
-        return self.logging_dir or logger.get_dir()
-
-    def _extra_checkpoint_files(self):
-        """Hook: [(kind, state_dict)] saved before the model file."""
-        return []
-
-    def checkpoint_state(self):
-        """[(file name, state)] of the checkpoint of the current step, model file last."""
-        opt_state = self.opt.state_dict()
-        if self.mp_trainer.loss_scaling:
-            opt_state["lg_loss_scale"] = self.mp_trainer.lg_loss_scale
-        files = [(checkpoint_filename("opt", self.step), opt_state)]
-        for rate, params in zip(self.ema_rate, self.ema_params):
-            state = self.mp_trainer.master_params_to_state_dict(params)
-            files.append((checkpoint_filename("ema", self.step, rate), state))
-        for kind, state in self._extra_checkpoint_files():
-            files.append((checkpoint_filename(kind, self.step), state))
-        files.append((checkpoint_filename("model", self.step), self.mp_trainer.master_params_to_state_dict()))
-        return files
-
     def save(self):
-        """Write the checkpoint set of the current step on rank 0, agreed by every rank.
-
-        Each file is serialised, then written atomically, model file last, with
-        ``metaNNNNNN.json`` beside it; a failure on rank 0 (disk full, ...)
-        removes the new set's files and raises the same one-line error on
-        every rank, leaving the previous set the newest complete one.
-        """
+        """`CheckpointSet.save`, then the fixed-seed sample grid ``samples_<step>.png`` beside the checkpoint."""
+        super().save()
         directory = self.checkpoint_dir()
-
-        def write():
-            if self.rank != 0:
-                return
-            if directory is None:
-                raise ValueError("no logging directory to save checkpoints in (call logger.configure first)")
-            files = self.checkpoint_state()
-            meta = run_metadata.metadata_bytes(self.step, self.run_flags, self.world_size)
-            files.insert(len(files) - 1, (run_metadata.metadata_filename(self.step), meta))
-            faults.write_checkpoint_set(directory, files)
-            logger.log(f"saved checkpoint of step {self.step} in {directory}")
-
-        on_all_ranks(write)
-        self._saved_step = self.step
-        if directory is not None:
-            self._last_checkpoint = os.path.join(directory, checkpoint_filename("model", self.step))
-            if self.evaluator is not None and self.evaluator.grid_samples:  # the fixed-seed grid beside it
-                path = os.path.join(directory, grid_filename(self.step))
-                on_all_ranks(lambda: self.evaluator.write_grid(path, self._ema_states()))
+        if directory is not None and self.evaluator is not None and self.evaluator.grid_samples:
+            path = os.path.join(directory, grid_filename(self.step))
+            on_all_ranks(lambda: self.evaluator.write_grid(path, self._ema_states()))
 
 
 # ----------------------------------------------------------------------------
@@ -901,14 +482,6 @@ class CMTrainLoop(TrainLoop):
         if self.teacher_model is not None and not self.resume_checkpoint:
             load_model_state(self.model, self.teacher_model.state_dict(), "the teacher model")
 
-    def _resume_part(self, kind, module):
-        """Load the resumed set's ``kind`` file into ``module``; False when there is none."""
-        found = self._sibling(kind)
-        if found is None:
-            return False
-        load_model_state(module, found[1], found[0])
-        return True
-
     def _setup_networks(self):
         if self.target_model is not None:
             if not self._resume_part("target_model", self.target_model):
@@ -917,7 +490,7 @@ class CMTrainLoop(TrainLoop):
             self.target_model.requires_grad_(False)
             self.target_model.train()
             if self.mp_trainer.loss_scaling:
-                self.target_master_params = _float_copies(self.target_model.parameters())
+                self.target_master_params = float_copies(self.target_model.parameters())
             else:
                 self.target_master_params = list(self.target_model.parameters())
             if self.use_fp16:
@@ -951,6 +524,22 @@ class CMTrainLoop(TrainLoop):
             extra={name: self._net(module) for name, module in self.extra_networks.items()},
         )
 
+    def _new_optimizer(self):
+        if self.recipe.new_optimizer is None:
+            return super()._new_optimizer()
+        return self.recipe.new_optimizer(self.mp_trainer.master_params, self.lr, self.weight_decay)
+
+    def _lr_factor(self):
+        if self.recipe.lr_factor is None:
+            return 1.0
+        return self.recipe.lr_factor(self.step, self.loss_options)
+
+    def _clip_gradients(self):
+        """The row's gradient clipping (its ``grad_clip_option`` names the max-norm flag); logs the norm before."""
+        max_norm = self.loss_options[self.recipe.grad_clip_option]
+        norm = torch.nn.utils.clip_grad_norm_(self.mp_trainer.master_params, max_norm)
+        logger.logkv_mean("grad_norm_before_clip", float(norm))
+
     def _before_step(self):
         if self.recipe.teacher_follows_student:
             self._maybe_promote_student()
@@ -973,13 +562,10 @@ class CMTrainLoop(TrainLoop):
         logger.log(f"{self.training_mode}: {symbol} {previous} -> {level} at step {self.step}; the student becomes the teacher")
         self.teacher_model.load_state_dict(self.mp_trainer.master_params_to_state_dict())
         self.opt = self._new_optimizer()
-        self.ema_params = [_float_copies(self.mp_trainer.master_params) for _ in self.ema_rate]
+        self.ema_params = [float_copies(self.mp_trainer.master_params) for _ in self.ema_rate]
 
     def forward_backward(self, batch, cond):
-        self.mp_trainer.zero_grad()
-        device = dist_util.dev()
-        batch = batch.to(device)
-        cond = {k: v.to(device) for k, v in cond.items()}
+        batch, cond = self._start_batch(batch, cond)
         n = batch.shape[0]
         target_ema, level = self.ema_scale_fn(self.step)
         for part, last in self._micro_batches(batch, cond):
@@ -992,6 +578,8 @@ class CMTrainLoop(TrainLoop):
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())
                 logger.logkv_mean("r_zero", (losses["r"] == 0).float().mean().item())
+        if self.recipe.grad_clip_option:
+            self._clip_gradients()
         logger.logkv(self.recipe.level_name, level)
         logger.logkv("target_ema", target_ema)
 

@@ -331,6 +331,7 @@ class UNetModel(nn.Module):
             [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
         )
         skip_chans = [ch]
+        self.feature_blocks = []  # input_blocks index of each level's last block (feature taps)
         ds = 1
         # encoder: num_res_blocks residual blocks per level, then a downsampler
         for level, mult in enumerate(channel_mult):
@@ -341,6 +342,7 @@ class UNetModel(nn.Module):
                     layers.append(attention(ch, num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
+            self.feature_blocks.append(len(self.input_blocks) - 1)
             if level != len(channel_mult) - 1:
                 if resblock_updown:
                     down = res_block(ch, ch, down=True)
@@ -391,11 +393,14 @@ class UNetModel(nn.Module):
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
 
-    def forward(self, x, timesteps, y=None):
+    def forward(self, x, timesteps, y=None, return_features=False):
         """Apply the model to an NCHW batch.
 
         :param timesteps: a 1-D batch of (real-valued) time inputs, 250·ln σ.
         :param y: an [N] tensor of labels, if class-conditional.
+        :param return_features: also return the encoder features, a list with the
+            output of each resolution level's last block (highest resolution first;
+            the last one is the bottleneck, the input of the middle block).
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional")
@@ -410,7 +415,9 @@ class UNetModel(nn.Module):
         for module in self.input_blocks:
             h = module(h, emb)
             skips.append(h)
+        features = [skips[i] for i in self.feature_blocks]
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.type(x.dtype))
+        out = self.out(h.type(x.dtype))
+        return (out, features) if return_features else out

@@ -66,6 +66,16 @@ def create_argparser():
     return parser
 
 
+def check_same_data(teacher_file, init_file):
+    """A teacher and an --init_from file that describe themselves must agree on image size and classes."""
+    if not teacher_file or not init_file:
+        return
+    for key in ("image_size", "class_cond", "num_classes"):
+        a, b = teacher_file[1].get(key), init_file[1].get(key)
+        if a is not None and b is not None and a != b:
+            raise UsageError(f"--init_from holds {key}={b} but --teacher_model_path holds {key}={a}")
+
+
 def main(argv=None):
     parser = create_argparser()
     args = parser.parse_args(argv)
@@ -87,6 +97,7 @@ def main(argv=None):
     init_file = None
     if row.init_from != "unused" and args.init_from != "none":
         init_file = adopt_network_flags(args, "init_from", model_and_diffusion_defaults())
+    check_same_data(teacher_file, init_file)
     ema_scale_fn = row.schedule(args)
 
     # Build and check everything before anything is written to the logging dir.
@@ -115,6 +126,13 @@ def main(argv=None):
         if net is not None:
             prepare_from_args(net, args, dist_util.dev().type)
 
+    extra_networks = None
+    if row.build_extra_networks is not None:  # e.g. dmd2's fake score and GAN head
+        def make_network(dropout):
+            return create_model_and_diffusion(**dict(model_kwargs, dropout=dropout, distillation=False))[0]
+
+        extra_networks = row.build_extra_networks(args, teacher_model, make_network, batch_size)
+
     evaluator = build_evaluator(args, eval_net, diffusion, row, parse_ema_rates(args.ema_rate), device=dist_util.dev())
     loop = CMTrainLoop(
         evaluator=evaluator,
@@ -124,6 +142,7 @@ def main(argv=None):
         training_mode=args.training_mode,
         ema_scale_fn=ema_scale_fn,
         loss_options={flag: getattr(args, flag) for flag in row.loss_options},
+        extra_networks=extra_networks,
         **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )
     preset_note = preset and f"{args.training_mode} preset: " + ", ".join(f"{k}={getattr(args, k)}" for k in preset)

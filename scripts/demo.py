@@ -64,6 +64,11 @@ HELP = {
     "classifier_epochs": "epochs of the judging classifier",
     "heldout_fraction": "fraction of the digits held out for evaluation",
     "log_interval": "steps between logged training rows",
+    "dmd2_steps": "upper bound on the steps of each DMD2 run (the recipe budget stops it first)",
+    "dmd2_lr": "lr of the DMD2 generator and fake score",
+    "dmd2_ratio": "DMD2 fake-score updates per generator update",
+    "dmd2_warmup": "DMD2 lr warm-up iterations",
+    "dmd2_gan_max_step": "DMD2 + GAN: the head's inputs are noised at a grid level below this",
     "seed": "seed of the split, classifier, training and sampling",
     "precision": "network arithmetic of training and sampling: fp32 or bf16 (autocast, float32 weights)",
 }

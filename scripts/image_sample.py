@@ -16,6 +16,7 @@ from cm import dist_util, logger
 from cm.cli import run_cli
 from cm.formats.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.precision import resolve_speed_args, wrap
+from cm.samplers import churn_kwargs
 from cm.sample_util import (
     check_sample_args,
     create_argparser,
@@ -62,10 +63,7 @@ def main(argv=None):
         clip_denoised=args.clip_denoised,
         sigma_min=args.sigma_min,
         sigma_max=args.sigma_max,
-        s_churn=args.s_churn,
-        s_tmin=args.s_tmin,
-        s_tmax=args.s_tmax,
-        s_noise=args.s_noise,
+        **churn_kwargs(args),
     )
     if dist_util.get_rank() == 0:
         npz_path, png_path = save_samples(logger.get_dir(), images, labels)

@@ -17,6 +17,7 @@ from cm.cli import UsageError, run_cli
 from cm.fileio import write_atomic
 from cm.formats.model_files import SAMPLING_FLAGS, adopt_network_flags
 from cm.precision import resolve_speed_args, wrap
+from cm.samplers import CHURN_DEFAULTS
 from cm.sample_util import (
     check_common_args,
     create_argparser,
@@ -25,7 +26,7 @@ from cm.sample_util import (
 )
 from cm.ternary import load_fid_reference, multistep_fid, ternary_search
 
-UNUSED_SAMPLE_FLAGS = ("sampler", "ts", "s_churn", "s_tmin", "s_tmax", "s_noise")
+UNUSED_SAMPLE_FLAGS = ("sampler", "ts", *CHURN_DEFAULTS)
 
 SEARCH_HELP = {
     "ref": "FID reference: stats .npz (mu, sigma), image .npz (arr_0) or folder of images (required)",

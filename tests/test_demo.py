@@ -21,7 +21,8 @@ pytest.importorskip("sklearn")
 from cm.tools import demo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep")
+SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep",
+            "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep")
 
 
 # ----------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def test_sampler_evaluation_counts():
     assert [(name, nfe) for name, _, nfe, _, _ in demo.samplers(cfg)] == [("heun", 35), ("onestep", 1), ("twostep", 2)]
     recipes = [(name, nfe, mode) for name, _, nfe, mode, _ in demo.recipe_samplers(cfg)]
     assert recipes == [("ect_onestep", 1, "ect"), ("ect_twostep", 2, "ect"), ("ict_onestep", 1, "ict"),
-                       ("ict_twostep", 2, "ict")]
+                       ("ict_twostep", 2, "ict"), ("dmd2_onestep", 1, "dmd2"), ("dmd2_twostep", 2, "dmd2"),
+                       ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2")]
 
 
 # ----------------------------------------------------------------------------
@@ -150,7 +152,11 @@ def test_quick_run_samples_and_grids(quick_run):
     assert (out / "classifier.pt").is_file()
     for mode in ("ect", "ict"):  # the quick preset runs its steps (no time limit)
         assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000003.pt").is_file()
-    for log in ("edm_train", "cm_train", "ect_train", "ict_train", *(f"sample_{n}" for n in SAMPLERS)):
+    for mode in ("dmd2", "dmd2_gan"):
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{cfg.dmd2_steps:06d}.pt").is_file()
+        assert (out / mode / f"dmd2_critic{cfg.dmd2_steps:06d}.pt").is_file()
+    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train",
+                *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
 
@@ -158,6 +164,8 @@ def test_quick_run_prints_the_table(quick_run):
     out, stdout, cfg = quick_run
     nfe = {"EDM teacher, Heun": 2 * cfg.heun_steps - 1, "CD, one step": 1, "CD, two steps": 2}
     nfe.update({"ECT, one step": 1, "ECT, two steps": 2, "iCT, one step": 1, "iCT, two steps": 2})
+    nfe.update({"CD + DMD2, one step": 1, "CD + DMD2, two steps": 2, "CD + DMD2 + GAN, one step": 1,
+                "CD + DMD2 + GAN, two steps": 2})
     for label, evaluations in nfe.items():
         row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
         assert len(row) == 1, stdout
@@ -175,15 +183,22 @@ def test_quick_run_results_json(quick_run):
     assert results["config"] == cfg.as_dict()
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
-    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 3, "ict": 3}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    assert results["recipe_steps"] == {"ect": 3, "ict": 3, "dmd2": cfg.dmd2_steps, "dmd2_gan": cfg.dmd2_steps}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
-    assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "edit_inpaint",
-                                        "edit_superres"} | {f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train",
+                                        "dmd2_gan_train", "edit_inpaint", "edit_superres"} | {
+        f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    for key in ("dmd2_train", "dmd2_gan_train"):  # the CD model tuned, the teacher as the real score
+        cmd = results["commands"][key]
+        assert any(a.startswith("--init_from=") and "/cd/" in a for a in cmd)
+        assert any(a.startswith("--teacher_model_path=") and "/edm/" in a for a in cmd)
+    assert "--dmd_gan=True" in results["commands"]["dmd2_gan_train"]
+    assert "--dmd_gan=True" not in results["commands"]["dmd2_train"]
     assert "--init_from=none" in results["commands"]["ict_train"]
     assert any(a.startswith("--init_from=") and a.endswith(".pt") for a in results["commands"]["ect_train"])
     assert results["commands"]["cm_train"][1] == "scripts/cm_train.py"

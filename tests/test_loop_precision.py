@@ -15,7 +15,23 @@ from cm.recipes import ect_ema_and_scales_fn, ict_ema_and_scales_fn
 from cm.schedules import create_ema_and_scales_fn
 from cm.train_util import CM_TRAINING_MODES
 
-from test_train_util import cm_loop, one_thread, synthetic_data  # noqa: F401  (one_thread: autouse)
+from test_train_util import build, cm_loop, one_thread, synthetic_data  # noqa: F401  (one_thread: autouse)
+
+
+def dmd2_critic():
+    """dmd2's extra network: a fake score (here not a copy of the teacher) and a bottleneck GAN head."""
+    from cm.dmd2_heads import build_discriminator
+    from cm.dmd2_train import DMD2Critic
+
+    fake = build(dropout=0.0)[0]
+    return {"dmd2_critic": DMD2Critic(fake, build_discriminator("bottleneck", fake, 8), None, lr=1e-3)}
+
+
+def dmd2_options():
+    from cm.dmd2_train import FLAG_DEFAULTS
+
+    return dict(FLAG_DEFAULTS, dmd_gan=True, gan_max_step=10)
+
 
 # mode -> (loop keywords, {network: fewest calls in one step})
 SETUPS = {
@@ -25,6 +41,9 @@ SETUPS = {
                  {"student": 1, "teacher": 2}),
     "ict": (dict(teacher=False, target_model=None, ema_scale_fn=ict_ema_and_scales_fn(16)), {"student": 2}),
     "ect": (dict(teacher=False, target_model=None, ema_scale_fn=ect_ema_and_scales_fn(2)), {"student": 2}),
+    # the generator once, then 4 fresh samples for the critic; the fake score in the DM and GAN terms and 5 updates
+    "dmd2": (dict(target_model=None, ema_scale_fn=lambda step: (0.0, step), loss_options=dmd2_options,
+                  extra_networks=dmd2_critic), {"student": 5, "teacher": 1, "fake": 7}),
 }
 
 
@@ -42,11 +61,14 @@ def test_every_mode_has_a_setup():
 @pytest.mark.parametrize("mode", sorted(SETUPS))
 def test_bf16_runs_every_network_call_under_autocast(tmp_path, mode):
     kw, expected = SETUPS[mode]
+    kw = {k: v() if k in ("extra_networks", "loss_options") else v for k, v in kw.items()}  # fresh per test
     logger.configure(dir=str(tmp_path), format_strs=[])
     try:
         loop = cm_loop(tmp_path, mode, precision="bf16", **kw)
         calls = []
         networks = {"student": loop.model, "target": loop.target_model, "teacher": loop.teacher_model}
+        if "dmd2_critic" in loop.extra_networks:
+            networks["fake"] = loop.extra_networks["dmd2_critic"].fake
         for name, module in networks.items():
             if module is not None:
                 record_autocast(module, name, calls)

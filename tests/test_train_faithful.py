@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import test_train_util as base
-from cm import fp16_util, logger, script_util, train_util
+from cm import fp16_util, logger, script_util, step_data
 from cm.tools import demo
 from cm.opt_layout import is_original_fp16_layout, main, to_original, to_per_parameter
 from cm.schedules import create_ema_and_scales_fn
@@ -102,7 +102,7 @@ def test_random_flip_flag_reaches_the_data(monkeypatch, tmp_path, name, flag, ex
         seen.update(kw)
         raise Stop
 
-    monkeypatch.setattr(train_util, "load_training_data", fake_data)  # what both scripts' shared builder calls
+    monkeypatch.setattr(step_data, "load_training_data", fake_data)  # what both scripts' shared builder calls
     argv = ["--image_size", "8", "--channel_mult", "1,2", "--num_channels", "32", "--num_res_blocks", "1",
             "--attention_resolutions", "4", "--global_batch_size", "2", "--data_dir", str(tmp_path),
             "--training_mode", "consistency_training", "--loss_norm", "l2", *flag]

@@ -117,6 +117,12 @@ class DemoConfig:
     ect_p_mean: float = -0.2  # mean of ln t (ECT: -1.1): more of the ~1000 steps at the noise levels one step starts from
     ict_steps: int = 2000  # K of iCT's N(k) doubling schedule; the time budget may stop it first
     ict_lr: float = 1e-3
+    # DMD2 (cm/dmd2.py) tuning the CD model, the teacher as the real score, with and without the GAN head
+    dmd2_steps: int = 100000  # an upper bound: the time budget stops it first
+    dmd2_lr: float = 5e-5  # generator and fake score; untuned (DMD2 on CIFAR-10: 2e-6, the demo CD: 2e-4)
+    dmd2_ratio: int = 5  # fake-score updates per generator update
+    dmd2_warmup: int = 50  # lr warm-up iterations (DMD2: 500)
+    dmd2_gan_max_step: int = 20  # diffusion-GAN noise levels: the lower 20 of the 40-point grid
     recipe_batch_size: int = 32
     recipe_ema_rate: float = 0.99
     two_step_sigmas: str = "80,0.821"
@@ -161,6 +167,9 @@ def quick_config():
         ect_steps=3,
         ect_double=1,
         ict_steps=3,
+        dmd2_steps=2,
+        dmd2_ratio=2,
+        dmd2_warmup=0,
         recipe_batch_size=8,
         num_samples=20,
         sample_batch_size=20,
@@ -371,7 +380,8 @@ def train_recipes(out, cfg, data_dir, starts, logs, commands, timings):
     budget = None if cfg.recipe_budget_s < 0 else (cfg.recipe_budget_s or timings["cm_train"])
     jobs = []
     for stage in RECIPE_STAGES:
-        argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start))
+        argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start),
+                                starts.get("teacher"))
         argv += eval_argv(cfg, out, cfg.cm_eval_interval)
         commands[f"{stage.key}_train"] = ["python", "scripts/cm_train.py", *argv]
         jobs.append((stage.key, "cm_train.py", argv, os.path.join(logs, f"{stage.key}_train.log")))

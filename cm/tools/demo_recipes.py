@@ -28,6 +28,7 @@ class RecipeStage:
     steps: Callable  # cfg -> --total_training_steps (an upper bound when the demo budgets by time)
     flags: Callable  # cfg -> the stage's own cm_train.py flags (lr, recipe flags)
     dropout: Callable = lambda cfg: 0.0  # cfg -> --dropout
+    teacher: bool = False  # also pass the EDM teacher's EMA file as --teacher_model_path (DMD2's real score)
     two_step: Callable = lambda cfg: ["--sampler=multistep", f"--sigmas={cfg.two_step_sigmas}"]
 
     def __post_init__(self):
@@ -59,13 +60,54 @@ ICT = RecipeStage(
     flags=lambda cfg: [f"--lr={cfg.ict_lr}"],
 )
 
-RECIPE_STAGES = (ECT, ICT)
 
 
-def stage_train_argv(stage, cfg, data_dir, log_dir, start_path):
-    """cm_train.py flags of ``stage``; ``start_path`` is the file its weights start from (unused for 'none')."""
+def _dmd2_flags(gan):
+    def flags(cfg):
+        out = [
+            f"--lr={cfg.dmd2_lr}",
+            f"--fake_lr={cfg.dmd2_lr}",
+            f"--dfake_gen_update_ratio={cfg.dmd2_ratio}",
+            f"--lr_warmup_steps={cfg.dmd2_warmup}",
+        ]
+        return out + (["--dmd_gan=True", f"--gan_max_step={cfg.dmd2_gan_max_step}"] if gan else [])
+
+    return flags
+
+
+# DMD2 tunes the distilled CD model, the EDM teacher as the real score (with and without the GAN head)
+DMD2 = RecipeStage(
+    key="dmd2",
+    mode="dmd2",
+    label="CD + DMD2",
+    start="student",
+    steps=lambda cfg: cfg.dmd2_steps,
+    flags=_dmd2_flags(gan=False),
+    teacher=True,
+)
+
+DMD2_GAN = RecipeStage(
+    key="dmd2_gan",
+    mode="dmd2",
+    label="CD + DMD2 + GAN",
+    start="student",
+    steps=lambda cfg: cfg.dmd2_steps,
+    flags=_dmd2_flags(gan=True),
+    teacher=True,
+)
+
+RECIPE_STAGES = (ECT, ICT, DMD2, DMD2_GAN)
+
+
+def stage_train_argv(stage, cfg, data_dir, log_dir, start_path, teacher_path=None):
+    """cm_train.py flags of ``stage``; ``start_path`` is the file its weights start from (unused for 'none').
+
+    ``teacher_path``: the EDM teacher's file, passed when the stage has ``teacher``.
+    """
     steps = stage.steps(cfg)
     init = ["--init_from=none"] if stage.start == "none" else [f"--init_from={start_path}"]
+    if stage.teacher:
+        init.append(f"--teacher_model_path={teacher_path}")
     return [
         f"--training_mode={stage.mode}",
         f"--data_dir={data_dir}",

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_and_dump  # noqa: E402
-from cm import dist_util, karras_diffusion, train_util  # noqa: E402
+from cm import dist_util, karras_diffusion, step_data  # noqa: E402
 
 
 def fixed_batches(global_n):
@@ -48,7 +48,7 @@ def per_image_noise(losses):
 
 if __name__ == "__main__":
     out_dir, global_n = sys.argv[1], int(sys.argv[2])
-    train_util.load_training_data = fixed_batches(global_n)  # what the scripts' shared builder calls
+    step_data.load_training_data = fixed_batches(global_n)  # what the scripts' shared builder calls
     karras_diffusion.KarrasDenoiser.consistency_losses = per_image_noise(
         karras_diffusion.KarrasDenoiser.consistency_losses
     )
