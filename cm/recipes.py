@@ -31,7 +31,10 @@ about a mode, so neither ever compares a mode name:
   ``flags``: the cm_train.py flags only it (or a few rows) uses: giving one to
   another mode is an error; ``loss_options``: the flags its loss reads;
 - ``checkpoint_files``: the extra files of its checkpoint sets (besides model,
-  EMAs, opt), written and resumed by the loop.
+  EMAs, opt), written and resumed by the loop;
+- ``two_step_ts`` / ``two_step_sigmas``: the two-step sampler of the
+  in-training evaluation (`cm.train_eval`; one step is always the other):
+  indices of the 40-point grid, or noise levels when given.
 
 Adding a recipe: one pure loss in `cm.losses` (denoiser callables and tensors
 in, per-sample values out), one adapter here (draw the noise levels, wrap the
@@ -373,6 +376,10 @@ class Recipe:
         if self.consistency_function is not None:
             return self.consistency_function
         return self.sample_scalings == "boundary"
+    # two-step sampling of the in-training evaluation (cm.train_eval) and of the grids: indices of the
+    # 40-point grid (the original's CD command), or noise levels (ECT's mid_t 0.821, used for iCT too)
+    two_step_ts: tuple = (0, 22, 39)
+    two_step_sigmas: tuple = ()
 
     @property
     def needs_teacher(self):
@@ -381,7 +388,7 @@ class Recipe:
 
 _ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_per_iter")
 _ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
-_LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False)
+_LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False, two_step_ts=(), two_step_sigmas=(80.0, 0.821))
 
 def _dmd2_schedule(args):
     return lambda step: (0.0, step)  # no target; the level is the step (it seeds the per-sample draws)
@@ -398,7 +405,7 @@ def _dmd2_row():
         uses_loss_norm=False, extra_networks=("dmd2_critic",), after_step=d.dmd2_after_step,
         build_extra_networks=d.build_critic, new_optimizer=d.new_optimizer, lr_factor=d.lr_factor,
         grad_clip_option="max_grad_norm", flag_defaults=dict(d.FLAG_DEFAULTS), flag_help=dict(d.FLAG_HELP),
-        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args,
+        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args, two_step_ts=(), two_step_sigmas=(80.0, 0.821),
     )
 
 
@@ -464,6 +471,7 @@ _SCM_ROW = dict(
     level_name="tangent_warmup", uses_loss_norm=False, loss_options=_SCM_FLAGS[:-1],
     prepare_student=_scm_prepare_student, monitors=("loss_unweighted", "g_norm", "logvar", "jvp_norm"),
     consistency_function=True,  # an EDM-scaled denoiser that is a consistency function
+    two_step_ts=(), two_step_sigmas=(80.0, 0.982),  # sCM's two-step t_mid 1.1: σ = 0.5·tan 1.1
 )
 RECIPES["sct"] = Recipe(
     "sct", teacher="unused", init_from="required", presets=_sct_presets, flags=("init_from",) + _SCM_FLAGS,

@@ -9,6 +9,7 @@ flags you do not give (cm/recipe_flags.py). Launch plainly, with
 args.json go to --logging_dir.
 """
 
+import copy
 import os
 import sys
 
@@ -40,8 +41,9 @@ from cm.script_util import (
     model_and_diffusion_kwargs,
     train_defaults,
 )
+from cm.train_eval import EVAL_HELP, build_evaluator, eval_flag_defaults
 from cm.train_script import loop_kwargs, setup_run, start_run
-from cm.train_util import CMTrainLoop
+from cm.train_util import CMTrainLoop, parse_ema_rates
 
 HELP = {
     "schedule_sampler": "only uniform: the consistency losses draw their own noise levels (the original "
@@ -59,8 +61,9 @@ def create_argparser():
     defaults.update(cm_train_defaults())
     defaults.update(lpips_path="", seed=0, random_flip=True)
     defaults.update(recipe_flag_defaults())
+    defaults.update(eval_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP})
+    add_dict_to_argparser(parser, defaults, help={**HELP, **RECIPE_FLAG_HELP, **EVAL_HELP})
     add_speed_flags(parser)
     return parser
 
@@ -113,6 +116,7 @@ def main(argv=None):
     model.to(dist_util.dev())
     if row.prepare_student is not None:  # e.g. sCM's log-variance head and its forward-mode AD check
         row.prepare_student(args, model)
+    eval_net = copy.deepcopy(model)  # the evaluator samples its own copy, loaded with the EMA weights
     if args.loss_norm == "lpips" and row.uses_loss_norm:
         diffusion.lpips_loss  # load the LPIPS weights now: fail before training, not at step 1
 
@@ -128,7 +132,7 @@ def main(argv=None):
         target_model, _ = create_model_and_diffusion(**model_kwargs)
         target_model.to(dist_util.dev())
 
-    for net in (model, teacher_model, target_model):
+    for net in (model, teacher_model, target_model, eval_net):
         if net is not None:
             prepare_from_args(net, args, dist_util.dev().type)
 
@@ -139,7 +143,9 @@ def main(argv=None):
 
         extra_networks = row.build_extra_networks(args, teacher_model, make_network, batch_size)
 
+    evaluator = build_evaluator(args, eval_net, diffusion, row, parse_ema_rates(args.ema_rate), device=dist_util.dev())
     loop = CMTrainLoop(
+        evaluator=evaluator,
         target_model=target_model,
         teacher_model=teacher_model,
         teacher_diffusion=teacher_diffusion,

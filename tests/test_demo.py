@@ -80,9 +80,18 @@ def test_table_and_comparison_grid():
     assert re.match(r"\| EDM teacher, Heun 18 steps \|\s+35 \|\s+10\.0 \|\s+50\.0 \|\s+97\.2 \|\s+1\.23 \|", lines[2])
     images = np.full((20, 16, 16, 3), 200, dtype=np.uint8)
     labels = np.arange(20) % 10
+    # one row per sampler: per_class cells high, one column per class, rows 4 px apart
     grid = demo.comparison_grid([(images, labels), (images, labels)], per_class=2, scale=1, gap=4, line=1)
-    assert grid.shape == (2 * 17 + 1, 2 * (10 * 17 + 1) + 4, 3)
+    assert grid.shape == (2 * (2 * 17 + 1) + 4, 10 * 17 + 1, 3)
     assert (grid[1:17, 1:17] == 200).all() and (grid[0, : 10 * 17 + 1] == 96).all()
+    assert (grid[2 * 17 + 1 : 2 * 17 + 5] == 255).all()  # the white gap between the rows
+    assert (grid[2 * 17 + 5 + 1 : 2 * 17 + 5 + 17, 1:17] == 200).all()
+    # titles: a label column at the left and a header of class ids; the rows keep their pixels
+    titled = demo.comparison_grid([(images, labels), (images, labels)], per_class=2, scale=1, gap=4, line=1,
+                                  titles=["EDM teacher, Heun 18 steps: 35 NFE", "CD, one step: 1 NFE"])
+    top, left = titled.shape[0] - grid.shape[0], titled.shape[1] - grid.shape[1]
+    assert top > 0 and left > 100 and (titled[top:, left:] == grid).all()
+    assert (titled[top:, : left - 4] < 128).any()  # the titles are drawn
 
 
 def test_sampler_evaluation_counts():
@@ -157,8 +166,8 @@ def test_quick_run_samples_and_grids(quick_run):
         np.testing.assert_array_equal(labels, np.arange(n) % 10)  # --class_labels 0..9 in turn
         with Image.open(folder / f"samples_{n}x{s}x{s}x3.png") as im:
             assert im.size[0] > 0 and im.size[1] > 0
-    with Image.open(out / "comparison.png") as im:
-        assert im.mode == "RGB" and im.size[0] > im.size[1]
+    with Image.open(out / "comparison.png") as im:  # one row per sampler: reads at README width
+        assert im.mode == "RGB" and im.size[0] < 1000 and im.size[1] > len(SAMPLERS) * 2 * cfg.image_size
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()

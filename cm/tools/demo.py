@@ -26,6 +26,11 @@ training compute, both recipes at once):
    and the Fréchet distance between real held-out and generated digits in
    the classifier's penultimate feature space (``cm.metrics.evaluation``).
 
+While they train, stages 3-4b log the same Fréchet distance over their steps
+(``--eval_interval``, `cm.train_eval`, with the judge's feature layers saved
+as TorchScript and ``eval_num_samples`` fixed-noise samples); ``curves.png``
+draws those curves and the losses of every stage on one figure.
+
 Image size. The UNet handles the digits' native 8×8 with ``--channel_mult 1,2``
 (levels 8 and 4, attention at 4), and that is the default: on 2 CPU cores an
 EDM step of batch 64 takes about 0.16 s at 8 px against 0.45–0.5 s at 16 px,
@@ -39,8 +44,8 @@ too, and the Fréchet reference is the held-out part as it is: the
 distribution the generative models are taught.
 
 Everything goes to one folder: PNG data, checkpoints, logs of every command,
-``samples_*.npz`` and their grids, ``comparison.png``, ``table.txt`` and
-``results.json``.
+``samples_*.npz`` and their grids, ``comparison.png`` (a row per sampler),
+``curves.png``, ``table.txt`` and ``results.json``.
 """
 
 import dataclasses
@@ -53,7 +58,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..metrics.evaluation import feature_stats
+from ..metrics.evaluation import feature_stats, save_stats
 from .benchmark import text_table
 from .demo_common import (  # noqa: F401  (judge, classify, ...: the demo's public helpers)
     NUM_CLASSES,
@@ -73,6 +78,7 @@ from .demo_common import (  # noqa: F401  (judge, classify, ...: the demo's publ
 )
 from .demo_editing import run_editing
 from .demo_recipes import RECIPE_STAGES, budget_steps, cd_budget, stage_samplers, stage_train_argv
+from .progress_plot import write_progress_plot
 
 # ----------------------------------------------------------------------------
 # Configuration
@@ -124,6 +130,10 @@ class DemoConfig:
     scm_warmup_steps: int = 100  # sCM's 10k of ~400k steps; the demo's runs are a few hundred steps
     sct_dropout: float = 0.2  # sCT's CIFAR-10 value (sCD: 0)
     scm_two_step_sigmas: str = "80,0.982"
+    # Fréchet distance during training (cm.train_eval with the judge's features), every this many steps
+    edm_eval_interval: int = 250
+    cm_eval_interval: int = 100  # CD and the recipe stages (one and two steps: cheap)
+    eval_num_samples: int = 500
     # sampling and evaluation
     num_samples: int = 2000  # per row; 500 left the Fréchet distance ±0.5 from seed to seed
     sample_batch_size: int = 500
@@ -167,6 +177,9 @@ def quick_config():
         classifier_epochs=1,
         log_interval=2,
         edit_images=20,
+        edm_eval_interval=3,
+        cm_eval_interval=2,
+        eval_num_samples=20,
     )
 
 
@@ -209,6 +222,23 @@ def cm_train_argv(cfg, data_dir, log_dir, teacher_path):
         "--weight_schedule=uniform",
         f"--seed={cfg.seed + 1}",
         "--random_flip=False",
+    ]
+
+
+JUDGE_FEATURES, JUDGE_STATS = "judge_features.pt", "heldout_stats.npz"
+
+
+def eval_argv(cfg, out, interval):
+    """The training scripts' evaluation flags: the judge's features (TorchScript) against the held-out digits."""
+    if interval <= 0:
+        return []
+    return [
+        f"--eval_interval={interval}",
+        f"--eval_num_samples={cfg.eval_num_samples}",
+        f"--eval_batch_size={cfg.sample_batch_size}",
+        f"--eval_steps={cfg.heun_steps}",
+        f"--eval_ref={os.path.join(out, JUDGE_STATS)}",
+        f"--eval_features={os.path.join(out, JUDGE_FEATURES)}",
     ]
 
 
@@ -299,6 +329,10 @@ def train_judge(out, cfg, train_imgs, y_train, held_imgs, y_held, progress):
     torch.save(clf.state_dict(), os.path.join(out, "classifier.pt"))
     ref_feats, ref_preds = classify(clf, held_imgs)
     ref_stats = feature_stats(ref_feats)
+    # the training runs' in-loop judge: its feature layers as TorchScript, the held-out statistics
+    example = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
+    torch.jit.save(torch.jit.trace(clf.body.eval(), example), os.path.join(out, JUDGE_FEATURES))
+    save_stats(os.path.join(out, JUDGE_STATS), *ref_stats)
     rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(len(train_imgs), size=min(cfg.num_samples, len(train_imgs)), replace=False)
     real = train_imgs[pick]
@@ -319,7 +353,7 @@ def train_judge(out, cfg, train_imgs, y_train, held_imgs, y_held, progress):
 def train_base_models(out, cfg, data_dir, logs, commands, timings, progress):
     """Stages 3-4: the EDM teacher and its CD student; returns their EMA files."""
     edm_dir = os.path.join(out, "edm")
-    argv = edm_train_argv(cfg, data_dir, edm_dir)
+    argv = edm_train_argv(cfg, data_dir, edm_dir) + eval_argv(cfg, out, cfg.edm_eval_interval)
     commands["edm_train"] = ["python", "scripts/edm_train.py", *argv]
     timings["edm_train"] = run_training("EDM teacher", "edm_train.py", argv, os.path.join(logs, "edm_train.log"),
                                         cfg.edm_steps, progress)
@@ -328,7 +362,7 @@ def train_base_models(out, cfg, data_dir, logs, commands, timings, progress):
         raise DemoError(f"edm_train.py finished without writing {teacher}")
 
     cd_dir = os.path.join(out, "cd")
-    argv = cm_train_argv(cfg, data_dir, cd_dir, teacher)
+    argv = cm_train_argv(cfg, data_dir, cd_dir, teacher) + eval_argv(cfg, out, cfg.cm_eval_interval)
     commands["cm_train"] = ["python", "scripts/cm_train.py", *argv]
     timings["cm_train"] = run_training("consistency distillation", "cm_train.py", argv,
                                        os.path.join(logs, "cm_train.log"), cfg.cd_steps, progress)
@@ -348,6 +382,7 @@ def train_recipes(out, cfg, data_dir, starts, logs, commands, timings):
     for stage in RECIPE_STAGES:
         argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start),
                                 starts.get("teacher"))
+        argv += eval_argv(cfg, out, cfg.cm_eval_interval)
         commands[f"{stage.key}_train"] = ["python", "scripts/cm_train.py", *argv]
         jobs.append((stage.key, "cm_train.py", argv, os.path.join(logs, f"{stage.key}_train.log")))
     tqdm.write(f"recipes at CD's training compute ({cd_budget(cfg)} forward-pass equivalents): " + ", ".join(
@@ -409,9 +444,11 @@ def run_demo(out, cfg, progress=True):
     edits, edit_files = run_editing(out, cfg, student, clf, held_imgs, y_held, ref_stats, logs, commands, timings)
 
     grid_path = os.path.join(out, "comparison.png")
-    titles = [f"{r['label']}: {r['nfe']} NFE" for r in rows if r["name"] != "real"]
+    # PIL's default font has no Greek letters
+    titles = [f"{r['label']}: {r['nfe']} NFE".replace("σ", "sigma") for r in rows if r["name"] != "real"]
     scale = max(1, 32 // cfg.image_size)
     Image.fromarray(comparison_grid(panels, scale=scale, titles=titles)).save(grid_path)
+    curves = write_curves(out, cfg)
     table = format_table(rows + edits)
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write(table + "\n")
@@ -422,7 +459,7 @@ def run_demo(out, cfg, progress=True):
         editing=edits,
         timings_s=timings,
         commands=commands,
-        files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt",
+        files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt", curves=curves,
                    classifier="classifier.pt", teacher=os.path.relpath(teacher, out),
                    student=os.path.relpath(student, out),
                    **{key: os.path.relpath(path, out) for key, path in recipe_files.items()}),
@@ -433,6 +470,27 @@ def run_demo(out, cfg, progress=True):
         json.dump(results, f, indent=2)
     print_summary(out, cfg, table, timings, recipe_steps, len(train_imgs), len(held_imgs))
     return results
+
+
+CURVES = "curves.png"
+
+
+def write_curves(out, cfg):
+    """``curves.png``: each stage's Fréchet distance (and loss) over its steps; its name (None without matplotlib)."""
+    runs = [("EDM teacher", "edm"), ("CD", "cd")] + [(stage.label, stage.key) for stage in RECIPE_STAGES]
+    try:
+        write_progress_plot(
+            [os.path.join(out, key) for _, key in runs],
+            os.path.join(out, CURVES),
+            names=[name for name, _ in runs],
+            only=("fid", "loss"),
+            fid_title=f"Fréchet distance to the held-out digits during training ({cfg.eval_num_samples} samples)",
+            fid_label="Fréchet distance (judge features)",
+        )
+    except ValueError as e:  # matplotlib missing: the rest of the demo stands
+        tqdm.write(f"{CURVES} not written: {e}")
+        return None
+    return CURVES
 
 
 def print_summary(out, cfg, table, timings, recipe_steps, n_train, n_held):
@@ -446,4 +504,4 @@ def print_summary(out, cfg, table, timings, recipe_steps, n_train, n_held):
         f"{k} {v:.0f} s" for k, v in timings.items() if k != "total") + ")")
     print("recipes reached steps " + ", ".join(f"{m} {n}" for m, n in recipe_steps.items()) + " in "
           + ", ".join(f"{timings[m + '_train']:.0f} s" for m in recipe_steps) + f" (CD: {cfg.cd_steps} steps)")
-    print(f"everything is in {out} (table.txt, results.json, comparison.png, samples/, logs/)")
+    print(f"everything is in {out} (table.txt, results.json, comparison.png, {CURVES}, samples/, logs/)")
