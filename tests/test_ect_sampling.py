@@ -46,7 +46,7 @@ def test_a_snapshot_with_a_malicious_global_is_refused_in_one_line_nothing_writt
     path.write_bytes(with_prefix((ECT / "snapshot_ddpmpp_cond.pkl").read_bytes(), b"cos\nsystem\n(S'echo pwned'\ntR"))
     out = tmp_path / "out"
     rc, err = run_script("image_sample", f"--model_path {path} {TWO_STEP} --logging_dir {out}", capsys)
-    assert rc == 1 and "refusing the global os.system" in err and len(err.strip().splitlines()) == 1
+    assert rc == 1 and "refusing the global 'os.system'" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 

@@ -186,5 +186,7 @@ def test_scm_from_an_nvidia_edm_pkl(tmp_path, capsys, monkeypatch, mode):
         logger.reset()
     tuned = torch.load(tmp_path / mode / "model000001.pt", weights_only=True)
     source, _ = load_edm_pickle(pkl)
-    assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())
+    # an --init_from file with augment_dim > 0 starts a run without augmentation minus map_augment (issue 20)
+    kept = {k: v for k, v in source.state_dict().items() if not (mode == "sct" and k.startswith("map_augment"))}
+    assert all(torch.equal(tuned[k], v) for k, v in kept.items())
     assert float(tuned["logvar_linear.weight"].abs().max()) == 0.0
