@@ -1,8 +1,8 @@
 """End-to-end demo on scikit-learn's 8×8 handwritten digits, a tiny CIFAR-10 stand-in.
 
 The demo runs the whole method with the project's own scripts, on a CPU, in
-under fifteen minutes (ten without the ECT/iCT stage, which runs CD's
-training compute, both recipes at once):
+under fifteen minutes (11.6 measured on 2 shared cores; the recipe stages,
+each with CD's training compute, run at once):
 
 1. data: the 1797 digits are split (stratified) into a training and a held-out
    part and written as RGB PNGs named like CIFAR-10 (``<class>_<index>.png``)
@@ -16,8 +16,9 @@ training compute, both recipes at once):
 4b. the later recipes, each with the CD stage's training compute (counted
    network passes, see `cm.tools.demo_recipes`: a fixed step count, the same
    on every machine; all at once, one thread each; their wall times are
-   recorded): ECT tunes the teacher's EMA weights into a consistency model
-   (``OUT/ect``), iCT trains one from scratch (``OUT/ict``);
+   recorded), one row each of `cm.tools.demo_recipes.RECIPE_STAGES`: ECT and
+   sCT tune the teacher's EMA weights, sCD distils the teacher, iCT trains
+   from scratch, DMD2 (with and without its GAN head) tunes the CD model;
 5. ``scripts/image_sample.py`` draws EDM-Heun, one-step CM and two-step CM
    samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main``
    is called in this process so that the wall time covers sampling and not
