@@ -280,8 +280,7 @@ def test_in_loop_fid_equals_fid_py_and_two_processes_equal_one(data, random_ince
     reference = fid_py(str(tmp_path / "s" / f"samples_{n}x8x8x3.npz"), str(data / "ref.npz"), random_inception, 4)
     assert np.isfinite(logged) and logged > 0
     assert abs(logged - reference) <= 1e-6 * max(1.0, abs(reference)), (logged, reference)
-    if MPIEXEC is None:
-        pytest.skip("2 processes need mpiexec (on PATH or next to sys.executable)")
+    assert MPIEXEC is not None, "2 processes need mpiexec: the test install (pip install mpich) provides it"
     two_processes = (MPIEXEC, "-n", "2", sys.executable)
     ok(run(script("edm_train.py", f"{flags} --logging_dir {tmp_path / 'two'}"), prefix=two_processes))
     two = float(progress_rows(tmp_path / "two", drop_eval=False)[-1]["fid_heun"])
