@@ -18,8 +18,10 @@ setup(
     ],
     extras_require={
         # scipy: reference matrix square root in the FID tests;
-        # scikit-learn: the 8x8 digits dataset used as real images in tests/demo.
-        "test": ["pytest", "scipy", "scikit-learn"],
-        "demo": ["scikit-learn"],
+        # scikit-learn: the 8x8 digits dataset used as real images in tests/demo;
+        # matplotlib: scripts/plot_progress.py and the demo's curves (never the training scripts).
+        "test": ["pytest", "scipy", "scikit-learn", "matplotlib"],
+        "demo": ["scikit-learn", "matplotlib"],
+        "plot": ["matplotlib"],
     },
 )

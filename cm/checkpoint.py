@@ -18,7 +18,8 @@ import os
 import re
 
 from .fileio import save_atomic  # noqa: F401  (part of this module's API)
-from .nn import time_inputs_in
+from .formats.untrusted import UntrustedFileError, safe_text
+from .nn import attach_logvar_head, has_logvar_head, time_inputs_in
 
 MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
@@ -27,7 +28,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the flags given; the message is one line."""
 
     def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(safe_text(message))  # keys from the file: escaped and cut
 
 
 def checkpoint_filename(kind, step, rate=None):
@@ -74,7 +75,7 @@ def strip_wrapper_prefix(state_dict, expected_keys):
         if len(heads) != 1 or None in heads:
             break
         head = heads.pop()
-        if head in model_heads:  # a real module name of the model, not a wrapper
+        if head in model_heads or not head.isidentifier() or len(head) > 64:  # a module name, or not a wrapper's
             break
         head += "."
         state_dict = {k[len(head) :]: v for k, v in state_dict.items()}
@@ -106,6 +107,8 @@ def read_checkpoint(path):
         return dist_util.load_state_dict(path, map_location="cpu")
     except OSError:
         raise
+    except UntrustedFileError as exc:  # a refusal of cm.formats.torch_weights: names the file already
+        raise CheckpointError(str(exc)) from None
     except Exception as exc:  # not a torch file, truncated, or holds objects weights_only refuses
         raise CheckpointError(f"cannot load {path} as a weights-only checkpoint ({_load_reason(exc)})") from None
 
@@ -158,8 +161,13 @@ def load_model_state(model, state_dict, path):
 
     The error names the file, the first mismatched key and both shapes.
     Wrapper prefixes (``module.`` from DDP, ``_orig_mod.``, ...) are removed
-    first; returns the removed prefix ("" if none).
+    first; returns the removed prefix ("" if none). A state with sCM's
+    log-variance head gives a model without one the head first (the
+    checkpoint records it: `cm.nn.has_logvar_head`).
     """
+    if isinstance(state_dict, dict) and has_logvar_head(state_dict) and not has_logvar_head(model):
+        if hasattr(model, "time_features"):
+            attach_logvar_head(model)
     expected = model.state_dict()
     prefix = ""
     if isinstance(state_dict, dict):

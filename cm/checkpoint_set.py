@@ -110,7 +110,7 @@ class CheckpointSet:
         return self._load_params(*found)
 
     def _new_optimizer(self):
-        return RAdam(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        return RAdam(self.mp_trainer.master_params, lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay)
 
     def _load_optimizer(self):
         found = self._sibling("opt")

@@ -23,7 +23,6 @@ recognises such errors (and a peer that died) for the one-line report.
 
 import atexit
 import datetime
-import io
 import os
 import socket
 import sys
@@ -33,6 +32,9 @@ import traceback
 import blobfile as bf
 import torch
 import torch.distributed as dist
+
+from .formats.torch_weights import load_weights_bytes
+from .formats.untrusted import read_regular
 
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -360,6 +362,8 @@ def _read_on_rank0(path):
     try:
         if not bf.exists(path):
             return ("missing", f"checkpoint not found: {path}")
+        if "://" not in str(path):  # a local file: only a regular one, read in bounded chunks
+            return ("ok", read_regular(path, what="checkpoint"))
         with bf.BlobFile(path, "rb") as f:
             return ("ok", f.read())
     except Exception as exc:  # permissions, a directory, remote storage errors...
@@ -406,7 +410,8 @@ def _broadcast_bytes_mpi(comm, payload):
 def load_state_dict(path, **kwargs):
     """torch.load a checkpoint that rank 0 alone reads and shares with all ranks.
 
-    ``weights_only=True`` always (a checkpoint can never run code);
+    ``weights_only=True`` always (a checkpoint can never run code), after the checks of
+    `cm.formats.torch_weights` (plain state-dict globals, uncompressed members, dense CPU tensors);
     ``map_location`` defaults to "cpu". A missing file raises the same one-line
     FileNotFoundError on every rank; a file rank 0 cannot read, a one-line OSError.
     """
@@ -424,7 +429,7 @@ def load_state_dict(path, **kwargs):
         raise FileNotFoundError(data)
     if status == "error":
         raise OSError(data)
-    return torch.load(io.BytesIO(data), weights_only=True, **kwargs)
+    return load_weights_bytes(data, path, **kwargs)
 
 
 def sync_params(params):

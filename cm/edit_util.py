@@ -35,13 +35,13 @@ from .cli import UsageError
 from .editing import colorize_observation, edit_with_sigmas, inpaint_observation, schedule_sigmas, slerp
 from .editing import superres_observation
 from .fileio import write_atomic
+from .formats.untrusted import UntrustedFileError, check_npz_file
 from .image_datasets import DataError, class_ids, list_image_files
 from .random_util import get_generator
-from .recipes import samples_with_boundary_scalings
+from .recipes import CONSISTENCY_FUNCTION_MODES
 from .samplers import CHURN_DEFAULTS
 from .sample_util import (
     parse_sigmas,
-    CONSISTENCY_MODES,
     batch_indices,
     check_common_args,
     create_argparser,
@@ -120,8 +120,10 @@ def start_schedule(start, sigmas, sigma_min):
 
 def check_edit_args(args):
     """Validate the flags; returns (σ list, class label list or None)."""
-    if not samples_with_boundary_scalings(args.training_mode):
-        raise UsageError(f"--training_mode must be one of {', '.join(CONSISTENCY_MODES)} for editing, got {args.training_mode}")
+    if args.training_mode not in CONSISTENCY_FUNCTION_MODES:
+        raise UsageError(
+            f"--training_mode must be one of {', '.join(CONSISTENCY_FUNCTION_MODES)} for editing, got {args.training_mode}"
+        )
     args.num_samples = 1  # no such flag here (the inputs set the count); check_common_args reads it
     class_labels = check_common_args(args)
     if args.num_images < 0:
@@ -184,7 +186,11 @@ def load_inputs(path, image_size, class_cond, num_images=0):
                 raise UsageError(f"--input: {e}") from None
     else:
         try:
-            with np.load(path) as z:
+            check_npz_file(path, "--input")  # a regular file whose arrays hold what they declare
+        except UntrustedFileError as exc:
+            raise UsageError(f"--input: {exc}") from None
+        try:
+            with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:
             raise UsageError(f"--input: {path} is neither an image folder nor a readable .npz ({type(exc).__name__})") from None

@@ -9,7 +9,8 @@
   the new set it had written, so the previous set stays the newest complete one
   and no temporary file is left.
 * `newest_usable_checkpoint`: ``--resume_checkpoint auto``'s choice, the newest
-  set whose files all exist and load; a bad newest file is a warning naming it.
+  set whose files are all regular files holding usable tensors (never opening a FIFO or
+  device); a bad newest file is a warning naming it.
 
 * `StopOnSigterm`: SIGTERM while a loop runs asks it to finish the step, save
   and stop; every rank agrees.
@@ -28,6 +29,8 @@ import torch
 from . import dist_util
 from .checkpoint import MODEL_FILE, checkpoint_filename
 from .fileio import write_atomic
+from .formats.torch_weights import load_weights_bytes
+from .formats.untrusted import read_regular
 
 # Test-only switch: "a:b" gives steps a, a+1, ..., b-1 a NaN loss.
 INJECT_NAN_ENV = "CM_INJECT_NAN_STEPS"
@@ -144,14 +147,26 @@ def set_file_names(step, ema_rates, extra_kinds=()):
 
 
 def _unusable_file(path):
-    """None when ``path`` exists and loads as plain weights, else a short reason."""
-    if not os.path.exists(path):
+    """None when ``path`` is a regular file holding usable weights, else a short reason.
+
+    Usable: it loads through `cm.formats.torch_weights` (no FIFO or device is opened)
+    as a dict, and every file but the optimiser's maps names to tensors, some of them
+    floating-point weights.
+    """
+    if not os.path.lexists(path):
         return "missing"
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt, unreadable: any reason means "do not use"
-        text = " ".join(str(exc).split())[:200]
+        state = load_weights_bytes(read_regular(path, what="checkpoint"), path)
+    except Exception as exc:  # truncated, corrupt, unreadable, hostile: any reason means "do not use"
+        text = " ".join(str(exc).split())[:300]
         return f"{type(exc).__name__}: {text}"
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a state dict"
+    if os.path.basename(path).startswith("opt"):
+        return None  # an optimiser's state dict: its layout is checked when it is loaded
+    if not all(type(k) is str and isinstance(v, torch.Tensor) for k, v in state.items()) or not any(
+            v.is_floating_point() for v in state.values()):
+        return "not a mapping of names to tensors (with floating-point weights)"
     return None
 
 

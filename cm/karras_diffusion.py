@@ -14,16 +14,20 @@ from .precond import (
     WEIGHT_SCHEDULES,
     boundary_condition_scalings,
     c_noise,
+    SCALINGS,
     edm_scalings,
     get_weightings,
+    scalings,
     snr,
 )
 from .random_util import get_generator
 from .samplers import (  # noqa: F401  (re-exported)
+    FEWSTEP,
     SAMPLERS,
     get_ancestral_step,
     sample_dpm,
     sample_euler,
+    sample_ect_fewstep,
     sample_euler_ancestral,
     sample_heun,
     sample_multistep_sigmas,
@@ -46,8 +50,12 @@ class KarrasDenoiser:
 
     :param distillation: use the boundary-condition scalings (c_skip(σ_min) = 1,
         c_out(σ_min) = 0: every consistency model, also CT, iCT and ECT,
-        which distil nothing) instead of EDM's; the original's name, read as
+        which distil nothing) instead of EDM's, in sampling, and in training
+        unless ``train_scalings`` says otherwise; the original's name, read as
         `boundary_scalings`.
+    :param train_scalings: "edm" or "boundary" for the training losses; None:
+        the same as sampling. ECT trains with "edm" and samples with the
+        boundary condition (its ``ECMPrecond`` switches in eval mode).
     :param loss_norm: distance of the consistency and progdist losses
         ("l1", "l2", "l2-32", "lpips").
     :param lpips_path: LPIPS weights file for ``loss_norm="lpips"`` (else the
@@ -64,6 +72,7 @@ class KarrasDenoiser:
         distillation=False,
         loss_norm="lpips",
         lpips_path=None,
+        train_scalings=None,
     ):
         if weight_schedule not in WEIGHT_SCHEDULES:
             raise ValueError(
@@ -76,6 +85,9 @@ class KarrasDenoiser:
         self.rho = rho
         self.weight_schedule = weight_schedule
         self.distillation = distillation
+        if train_scalings not in (None,) + SCALINGS:
+            raise ValueError(f"unknown train_scalings {train_scalings!r}; choose one of {', '.join(SCALINGS)}")
+        self.train_scalings = train_scalings
         self.loss_norm = loss_norm
         self.lpips_path = lpips_path
         self.num_timesteps = 40  # size of the index grid of the discrete schedule samplers
@@ -99,12 +111,33 @@ class KarrasDenoiser:
     def get_scalings_for_boundary_condition(self, sigma):
         return boundary_condition_scalings(sigma, self.sigma_data, self.sigma_min)
 
+    @property
+    def sample_scalings(self):
+        """"boundary" (consistency models) or "edm": the scalings of `denoise`."""
+        return "boundary" if self.boundary_scalings else "edm"
+
+    @property
+    def training_scalings(self):
+        """The scalings the training losses call the network with."""
+        return self.train_scalings or self.sample_scalings
+
     def denoise(self, model, x_t, sigmas, **model_kwargs):
-        """Return (raw network output F, D = c_skip·x_t + c_out·F)."""
-        scalings = self.get_scalings_for_boundary_condition if self.boundary_scalings else self.get_scalings
-        c_skip, c_out, c_in = [append_dims(c, x_t.ndim) for c in scalings(sigmas)]
+        """Return (raw network output F, D = c_skip·x_t + c_out·F) with the sampling scalings."""
+        return self.denoise_with(self.sample_scalings, model, x_t, sigmas, **model_kwargs)
+
+    def denoise_with(self, kind, model, x_t, sigmas, **model_kwargs):
+        """(F, D) with the scalings ``kind`` ("edm" or "boundary" at this denoiser's σ_min)."""
+        c = scalings(kind, sigmas, self.sigma_data, self.sigma_min)
+        c_skip, c_out, c_in = [append_dims(v, x_t.ndim) for v in c]
         model_output = model(c_in * x_t, c_noise(sigmas), **model_kwargs)
         return model_output, c_out * model_output + c_skip * x_t
+
+    def train_denoiser(self, model, model_kwargs=None):
+        """``(x, σ) -> D(x, σ)`` as the training losses call ``model`` (training scalings)."""
+        model_kwargs = model_kwargs or {}
+        if self.training_scalings == self.sample_scalings:
+            return lambda x, t: self.denoise(model, x, t, **model_kwargs)[1]
+        return lambda x, t: self.denoise_with(self.training_scalings, model, x, t, **model_kwargs)[1]
 
     def weightings(self, sigmas):
         """Loss weight λ(σ) per sample."""
@@ -129,8 +162,7 @@ class KarrasDenoiser:
 
     # --- losses -----------------------------------------------------------
     def _denoiser(self, model, model_kwargs, diffusion=None):
-        diffusion = diffusion or self
-        return lambda x, t: diffusion.denoise(model, x, t, **model_kwargs)[1]
+        return (diffusion or self).train_denoiser(model, model_kwargs)
 
     @staticmethod
     def _check_teacher(name, teacher_model, teacher_diffusion):
@@ -141,8 +173,10 @@ class KarrasDenoiser:
     def training_losses(self, model, x_start, sigmas, model_kwargs=None, noise=None):
         """EDM denoising loss terms ("loss", "mse", "xs_mse") at the given σ per sample."""
         model_kwargs, noise = _given_or_default(x_start, model_kwargs, noise)
+        denoise = self.denoise if self.training_scalings == self.sample_scalings else (
+            lambda m, x, t, **kw: self.denoise_with(self.training_scalings, m, x, t, **kw))
         return losses.denoising_loss(
-            lambda x, t: self.denoise(model, x, t, **model_kwargs),
+            lambda x, t: denoise(model, x, t, **model_kwargs),
             x_start,
             sigmas,
             noise,
@@ -285,13 +319,18 @@ def karras_sample(
     generator=None,
     ts=None,
     sigmas=None,
+    fewstep="cm",
 ):
     """Draw samples of `shape` from `model` with the named sampler; returns x in [−1, 1].
 
     ``sampler="multistep"`` takes either ``ts`` (indices into the ``steps``-point
     schedule) or ``sigmas`` (the descending noise levels to denoise at, e.g.
-    (80, 0.821); x_T then has noise level sigmas[0]).
+    (80, 0.821); x_T then has noise level sigmas[0]). ``fewstep`` picks what
+    ``sigmas`` run: "cm" (CM's Alg. 1, as the original) or "ect" (ECT's
+    generator: no clamp in between, x + σ·z; the model row's choice).
     """
+    if fewstep not in FEWSTEP:
+        raise ValueError(f"unknown fewstep {fewstep!r}; choose one of {', '.join(FEWSTEP)}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     has_sigmas = sigmas is not None and len(sigmas) > 0
@@ -320,6 +359,9 @@ def karras_sample(
         _, denoised = diffusion.denoise(model, x_t, sigma, **model_kwargs)
         return denoised.clamp(-1, 1) if clip_denoised else denoised
 
+    if has_sigmas and fewstep == "ect":
+        raw = lambda x_t, sigma: diffusion.denoise(model, x_t, sigma, **model_kwargs)[1]  # noqa: E731
+        return sample_ect_fewstep(raw, x_T, [float(s) for s in sigmas], generator, progress, callback).clamp(-1, 1)
     if has_sigmas:
         x_0 = sample_multistep_sigmas(
             denoiser, x_T, [float(s) for s in sigmas], generator, progress=progress, callback=callback, t_min=sigma_min

@@ -129,11 +129,13 @@ def pseudo_huber(x, y, c):
 
 
 def ect_loss(denoise, x_start, t, r, noise, c=0.0, target=None):
-    """Consistency-tuning loss per sample (ECT, Geng et al. 2024).
+    """Consistency-tuning loss per sample (ECT, Geng et al. 2024; its `ECMLoss`).
 
     One noise draw n for both points: D(x + t·n, t) with gradients, D(x + r·n, r)
-    under no_grad with the same online weights and the same dropout mask; where
-    r = 0 the target is x itself. loss = (√(‖Δ‖² + c²) − c)/(t − r).
+    under no_grad with the same online weights and the same dropout mask; a
+    non-finite r-call output is made finite (`nan_to_num`, as ECT), and where
+    r = 0 the target is x itself (when every r is 0 the r-call is skipped, as
+    ECT). loss = (√(‖Δ‖² + c²) − c)/(t − r), ‖·‖ summed over all values.
     ``target`` is the same network unwrapped (e.g. without DDP); default ``denoise``.
     """
     target = target or denoise
@@ -141,7 +143,10 @@ def ect_loss(denoise, x_start, t, r, noise, c=0.0, target=None):
     rng = _fork_rng_state(x_start.device)
     d_t = denoise(x_start + noise * append_dims(t, dims), t)
     with torch.no_grad():
-        _restore_rng_state(rng, x_start.device)
-        d_r = target(x_start + noise * append_dims(r, dims), r)
-        d_r = torch.where(append_dims(r > 0, dims), d_r, x_start).detach()
+        d_r = x_start
+        if bool((r > 0).any()):
+            _restore_rng_state(rng, x_start.device)
+            d_r = torch.nan_to_num(target(x_start + noise * append_dims(r, dims), r))
+            d_r = torch.where(append_dims(r > 0, dims), d_r, x_start)
+        d_r = d_r.detach()
     return pseudo_huber(d_t, d_r, c) / (t - r)

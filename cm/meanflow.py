@@ -196,16 +196,12 @@ def meanflow_sample(model, shape, flow_times, generator, model_kwargs=None, devi
 # ----------------------------------------------------------------------------
 # The training recipe (a row of `cm.recipes.RECIPES`: cm_train.py --training_mode meanflow)
 
-MEANFLOW_FLAG_DEFAULTS = dict(mf_times="fastgen", tangent_warmup_steps=0, jvp="ad")
+MEANFLOW_FLAG_DEFAULTS = dict(mf_times="fastgen")  # --tangent_warmup_steps and --jvp: cm.recipe_flags
 MEANFLOW_FLAG_HELP = {
     "mf_times": "meanflow: the (t, r) sampler, one of " + ", ".join(TIME_PRESETS)
     + " (fastgen: t ~ logit-normal(-0.6, 1.6), r ~ logit-normal(-4, 1.6); paper: both logit-normal(-2, 2); "
     "sorted, r = t for 25 %)",
-    "tangent_warmup_steps": "meanflow: the target's (t - r)·du/dt term grows linearly to full weight over this "
-    "many steps (0: full weight from the start, FastGen's CIFAR-10 setting)",
-    "jvp": "meanflow: du/dt by forward-mode AD (ad) or by finite differences along the path (fd, FastGen's variant)",
 }
-MEANFLOW_FLAG_CHOICES = {"mf_times": tuple(TIME_PRESETS), "jvp": tuple(TANGENTS)}
 
 # CIFAR-10 (the PyTorch port's cifar10_v1 and FastGen's config_mf_cifar10): Adam 6e-4, betas (0.9, 0.999),
 # batch 1024, dropout 0.2, EMA 0.9999, DDPM++ with channel_mult 2,2,2 and attention at 16; 800k steps
@@ -213,12 +209,10 @@ MEANFLOW_FLAG_CHOICES = {"mf_times": tuple(TIME_PRESETS), "jvp": tuple(TANGENTS)
 MEANFLOW_PRESETS = dict(
     lr=6e-4, global_batch_size=1024, dropout=0.2, ema_rate="0.9999", total_training_steps=800000,
     arch="ddpmpp", time_inputs=2, num_channels=128, channel_mult="2,2,2", num_res_blocks=4,
-    attention_resolutions="16",
+    attention_resolutions="16", tangent_warmup_steps=0,
 )  # fmt: skip
 MEANFLOW_FLAG_CHECKS = {
-    "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
     "mf_times": (lambda v: v in TIME_PRESETS, "must be one of " + ", ".join(TIME_PRESETS)),
-    "jvp": (lambda v: v in TANGENTS, "must be one of " + ", ".join(TANGENTS)),
 }
 
 
@@ -239,7 +233,7 @@ def meanflow_step_loss(student, jvp_net, x_start, warmup, model_kwargs, options)
     ``student`` is the network with gradients (DDP, autocast), ``jvp_net`` the
     same network unwrapped and in float32 (autocast does not carry forward-mode
     tangents), ``warmup`` the tangent warm-up weight of this step. Returns the
-    loop's dict: per-sample "loss", "sigmas" (t) and "r", and the "monitors"
+    loop's dict: per-sample "loss", "sigmas" (t) and "r", and the row's monitors
     v_loss = mean (u − v)², adaptive_weight and du_dt_norm = ‖du/dt‖₂.
     """
     e, t, r = draw_meanflow_inputs(x_start, options.get("mf_times", "fastgen"))
@@ -247,8 +241,10 @@ def meanflow_step_loss(student, jvp_net, x_start, warmup, model_kwargs, options)
         velocity(student, **model_kwargs), x_start, e, t, r, u_jvp=velocity(jvp_net, **model_kwargs),
         warmup=warmup, jvp=options.get("jvp", "ad"), module=jvp_net,
     )  # fmt: skip
-    monitors = dict(v_loss=out["v_loss"], adaptive_weight=out["weight"], du_dt_norm=out["du_dt_norm"])
-    return dict(loss=out["loss"], sigmas=t, r=r, monitors=monitors)
+    return dict(
+        loss=out["loss"], sigmas=t, r=r, v_loss=out["v_loss"], adaptive_weight=out["weight"],
+        du_dt_norm=out["du_dt_norm"],
+    )
 
 
 def meanflow_schedule(tangent_warmup_steps):

@@ -188,3 +188,31 @@ def explicit_attention():
 
 def explicit_attention_active():
     return _explicit_attention[0]
+
+
+# ----------------------------------------------------------------------------
+# sCM's adaptive-weight head (cm.trigflow): one Linear on the network's time features
+
+LOGVAR_HEAD = "logvar_linear"
+
+
+def attach_logvar_head(net):
+    """Give ``net`` the log-variance head (Linear: time features → 1), zero-initialised (ℓ = 0 at start).
+
+    ``net.time_features(timesteps)`` gives the features; the head's keys
+    ``logvar_linear.weight``/``.bias`` in a state_dict record that it has one.
+    """
+    param = next(net.parameters())
+    width = net.time_features(torch.zeros(1, device=param.device)).shape[1]
+    head = nn.Linear(width, 1, device=param.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(net, LOGVAR_HEAD, head)
+    return net
+
+
+def has_logvar_head(net_or_state):
+    """Whether a network, or a state_dict (any wrapper prefix), carries the head."""
+    if isinstance(net_or_state, nn.Module):
+        return isinstance(getattr(net_or_state, LOGVAR_HEAD, None), nn.Module)
+    return any(k.split(".")[-2:-1] == [LOGVAR_HEAD] for k in net_or_state)

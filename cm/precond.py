@@ -24,6 +24,22 @@ def boundary_condition_scalings(sigma, sigma_data=SIGMA_DATA, sigma_min=0.002):
     return c_skip, c_out, c_in
 
 
+# EDM's; the consistency model's boundary condition at σ_min; none: the network's raw output is the
+# quantity (MeanFlow's average velocity u, read by a flow sampler: no denoiser)
+SCALINGS = ("edm", "boundary", "none")
+
+
+def scalings(kind, sigma, sigma_data=SIGMA_DATA, sigma_min=0.002):
+    """(c_skip, c_out, c_in) of ``kind``: "edm" (σ_min unused) or "boundary"."""
+    if kind == "edm":
+        return edm_scalings(sigma, sigma_data)
+    if kind == "boundary":
+        return boundary_condition_scalings(sigma, sigma_data, sigma_min)
+    if kind == "none":
+        raise ValueError("a model of raw outputs (scalings 'none', MeanFlow) is no denoiser: use its flow sampler")
+    raise ValueError(f"unknown scalings {kind!r}; choose one of {', '.join(SCALINGS)}")
+
+
 def c_noise(sigma):
     """The network's time input: 250·ln σ (1e-44 keeps σ = 0 finite)."""
     return 1000 * 0.25 * torch.log(sigma + 1e-44)

@@ -10,25 +10,36 @@ import argparse
 
 from .cli import UsageError
 from .formats.model_files import load_network_weights
+from .jvp import JVP_HELP, JVP_METHODS
 from .recipes import P_MEAN, P_STD, RECIPES, get_recipe, modes_using_flag
 
 
 def recipe_flag_defaults():
     """Flags added to cm_train.py for the recipes (and those a row declares in its ``flag_defaults``)."""
-    out = dict(init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD)
+    out = dict(
+        init_from="", ect_double=25000, ect_q=2.0, huber_c=0.0, p_mean=P_MEAN, p_std=P_STD,
+        tangent_warmup_steps=10000, jvp="ad",  # sCM's; MeanFlow's preset has no warm-up
+    )
     for row in RECIPES.values():
-        out.update(row.flag_defaults)
+        for flag, value in row.flag_defaults.items():
+            if out.setdefault(flag, value) != value:
+                raise ValueError(f"recipe {row.name} declares --{flag} default {value!r}, another {out[flag]!r}")
     return out
 
 
 RECIPE_FLAG_HELP = {
-    "init_from": "initial weights for ect/ict/meanflow: our .pt (a model file of any run whose network flags you "
-    "repeat; a one-time network initialises a --time_inputs 2 one, r's weights zero), an EDM/ECT .pkl (sets the "
-    "network flags), or 'none' for random weights; ect requires it",
-    "ect_double": "ECT: steps per stage; t − r halves every stage (ECT's 250 ticks at batch 128)",
+    "init_from": "initial weights for ect/ict/sct/meanflow: our .pt (a model file of any run whose network flags "
+    "you repeat; a one-time network initialises a --time_inputs 2 one, r's weights zero), an EDM/ECT .pkl (sets "
+    "the network flags), or 'none' for random weights; ect requires it",
+    "ect_double": "ECT: optimiser steps per stage; t − r shrinks q-fold every stage (ECT's --double counts ticks "
+    "of 12.8 kimg = 100 steps at batch 128: its 250 is 25000 here; its 1-hour run's 10000 is 1000000)",
     "ect_q": "ECT: the factor q of r(t, stage) = max(0, t·(1 − (1 + 8σ(−t))/q^(stage+1)))",
-    "p_mean": "ect/ict: mean of ln t, the log-normal of noise levels the losses draw from (ECT and iCT: -1.1)",
-    "p_std": "ect/ict: standard deviation of ln t (ECT and iCT: 2.0)",
+    "p_mean": "ect/ict/sct/scd: mean of ln t, the log-normal of noise levels the losses draw from "
+    "(ECT and iCT: -1.1; sCM: -1.0)",
+    "p_std": "ect/ict/sct/scd: standard deviation of ln t (ECT and iCT: 2.0; sCM: 1.4)",
+    "tangent_warmup_steps": "sct/scd/meanflow: the tangent term's weight r = min(1, step/this) (0: full weight "
+    "from the start; sCM: 10000, meanflow's preset: 0, FastGen's CIFAR-10 setting)",
+    "jvp": JVP_HELP + " (sct/scd/meanflow; fd for networks or settings without forward-mode AD)",
     "huber_c": "pseudo-Huber constant c of the ect/ict distance √(‖Δ‖²+c²)−c (ict default: 0.00054·√(3·image_size²))",
 }
 for _row in RECIPES.values():
@@ -61,6 +72,8 @@ FLAG_CHECKS = {
     "ect_q": (lambda v: v > 1, "must be larger than 1"),
     "p_std": (lambda v: v > 0, "must be positive"),
     "huber_c": (lambda v: v >= 0, "must be non-negative"),
+    "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
+    "jvp": (lambda v: v in JVP_METHODS, "must be one of " + ", ".join(JVP_METHODS)),
 }
 for _row in RECIPES.values():
     FLAG_CHECKS.update(_row.flag_checks)
@@ -99,6 +112,22 @@ def check_recipe_args(args, explicit):
             raise UsageError(str(e)) from None
 
 
+AUGMENT_WEIGHT = "map_augment.weight"
+
+
+def without_augment_map(args):
+    """A run that starts from --init_from (ect, ict, dmd2) feeds no augmentation labels, so a ``map_augment``
+    layer would get no gradient (and DDP, which runs with find_unused_parameters off, stops at step 1): build
+    the network without it, as ECT does when augmentation is off. Sets ``args.augment_dim`` to 0; returns the
+    log line, or None when nothing changed."""
+    if get_recipe(args.training_mode).init_from == "unused" or not args.augment_dim:
+        return None
+    note = (f"--init_from {args.init_from or 'none'}: augment_dim {args.augment_dim}, but this run has no "
+            f"augmentation; the network is built without map_augment (its {AUGMENT_WEIGHT} is left out)")
+    args.augment_dim = 0
+    return note
+
+
 def load_init_weights(model, path, network=None):
     """Load ``--init_from`` into ``model``; '' or 'none' keeps its (random) weights.
 
@@ -111,4 +140,5 @@ def load_init_weights(model, path, network=None):
     """
     if path in ("", "none"):
         return
-    load_network_weights(model, path, network, "init_from", widen_time=True)
+    leave_out = (AUGMENT_WEIGHT,) if getattr(model, "map_augment", None) is None else ()
+    load_network_weights(model, path, network, "init_from", leave_out=leave_out, widen_time=True)

@@ -6,8 +6,7 @@ about a mode, so neither ever compares a mode name:
 - ``loss(diffusion, nets, x_start, level, model_kwargs, options)``: the loss
   terms of a micro-batch, a dict with per-sample "loss" and "sigmas" (the noise
   level t each sample is logged under) and optionally "r" (the second level of
-  a pair, which the loop logs as t_mean / r_over_t / r_zero), optionally
-  "monitors" ({name: per-sample values}, logged as their means). The adapters here
+  a pair, which the loop logs as t_mean / r_over_t / r_zero). The adapters here
   call the `KarrasDenoiser` methods, which draw the noise levels and call the
   pure losses of `cm.losses`; ``nets`` are the networks, each wrapped once by
   the loop (precision, DDP); ``options`` the loss flags (``huber_c``,
@@ -26,12 +25,19 @@ about a mode, so neither ever compares a mode name:
 - ``train_scalings`` / ``sample_scalings``: "edm" (c_skip, c_out of EDM) or
   "boundary" (the consistency models' boundary-condition scalings, f(x, σ_min)
   = x; the original's ``distillation=True``) or "none" (the raw output is the
-  quantity: MeanFlow's u, sampled by a flow sampler);
+  quantity: MeanFlow's u, sampled by a flow sampler); ``sigma_min`` (where a new run's
+  boundary condition sits, stored in its metadata for the sampler),
+  ``fewstep`` (what ``--sigmas`` samples: "cm", CM's Alg. 1, or "ect", ECT's
+  generator) and ``quantize`` (the uint8 of its samples: "truncate", the
+  original's, or "round", EDM's and ECT's);
 - ``presets(args)``: its paper's values for the flags the user did not give;
   ``flags``: the cm_train.py flags only it (or a few rows) uses: giving one to
   another mode is an error; ``loss_options``: the flags its loss reads;
 - ``checkpoint_files``: the extra files of its checkpoint sets (besides model,
-  EMAs, opt), written and resumed by the loop.
+  EMAs, opt), written and resumed by the loop;
+- ``two_step_ts`` / ``two_step_sigmas``: the two-step sampler of the
+  in-training evaluation (`cm.train_eval`; one step is always the other):
+  indices of the 40-point grid, or noise levels when given.
 
 Adding a recipe: one pure loss in `cm.losses` (denoiser callables and tensors
 in, per-sample values out), one adapter here (draw the noise levels, wrap the
@@ -69,9 +75,13 @@ from .meanflow import (
     meanflow_schedule,
     meanflow_step_loss,
 )
+from .precond import SCALINGS  # noqa: F401  ("edm", "boundary", "none": the row's scalings names)
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, create_ema_and_scales_fn, karras_sigma
 
 P_MEAN, P_STD = -1.1, 2.0  # log-normal of both recipes
+
+
+ECT_SIGMA_MIN = 0.003  # ECT's ECMPrecond default: its networks' boundary condition sits there
 
 
 # ----------------------------------------------------------------------------
@@ -263,9 +273,11 @@ def _no_presets(args):
 
 
 def _ect_presets(args):
-    # ECT's CIFAR-10 run (Geng et al. 2024): 12.8 Mimg at batch 128, RAdam 1e-4, dropout 0.2, no augmentation
+    # ECT's CIFAR-10 run (Geng et al. 2024, its run_ecm.sh): 25.6 Mimg = 200k steps at batch 128, RAdam 1e-4,
+    # dropout 0.2, no augmentation; its networks' boundary condition at σ_min 0.003 (ECMPrecond's default)
     return dict(
-        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=100000, random_flip=False
+        lr=1e-4, global_batch_size=128, dropout=0.2, ema_rate="0.9999", total_training_steps=200000, random_flip=False,
+        sigma_min=ECT_SIGMA_MIN,
     )
 
 
@@ -277,7 +289,69 @@ def _ict_presets(args):
     )
 
 
-SCALINGS = ("edm", "boundary", "none")  # none: the network's raw output is the quantity (MeanFlow's u)
+# ----------------------------------------------------------------------------
+# sCM (Lu & Song 2024): sCT and sCD, continuous-time, in TrigFlow (cm.scm, cm.trigflow)
+
+SCM_EMA_RATE = f"{0.5 ** (512 / 500_000):.8f}"  # EMA half-life 0.5 Mimg at the preset batch 512
+
+
+def _scm_settings(options):
+    from .scm import ScmSettings, ScmVariant
+
+    variant = ScmVariant(
+        bool(options.get("g_norm_spatial_invariance")), bool(options.get("divide_x_0_spatial_dim")),
+        bool(options.get("prior_weighting")),
+    )
+    return ScmSettings(
+        sigma_max=options["scm_sigma_max"], warmup_steps=options["tangent_warmup_steps"], jvp=options["jvp"],
+        variant=variant, p_mean=options["p_mean"], p_std=options["p_std"],
+    )
+
+
+def _scm(diffusion, nets, x_start, r, model_kwargs, options):
+    """sCT (no teacher) or sCD: ``r`` is the tangent warm-up factor of this step (the row's level)."""
+    from .scm import scm_training_losses
+
+    return scm_training_losses(
+        nets.student, nets.target, x_start, r, _scm_settings(options), teacher=nets.teacher,
+        model_kwargs=model_kwargs,
+    )
+
+
+def _scm_schedule(args):
+    """step ↦ (0, r): no EMA target (F⁻ = stopgrad F), r = min(1, step/--tangent_warmup_steps)."""
+    from .scm import tangent_warmup
+
+    return lambda step: (0.0, tangent_warmup(step, args.tangent_warmup_steps))
+
+
+def _scm_prepare_student(args, model):
+    """The sCM student: the log-variance head (kept when --init_from has one), and forward-mode AD checked."""
+    from .nn import attach_logvar_head, has_logvar_head
+    from .scm import probe_forward_ad
+
+    if not has_logvar_head(model):
+        attach_logvar_head(model)
+    if args.jvp == "ad":
+        kwargs = {"y": torch.zeros(1, dtype=torch.long)} if args.class_cond else {}
+        device = next(model.parameters()).device
+        probe_forward_ad(model, args.image_size, device, {k: v.to(device) for k, v in kwargs.items()})
+
+
+def _sct_presets(args):
+    # sCM's CIFAR-10 settings (Lu & Song 2024, Table 3; FastGen's config_sct_cifar10): RAdam 1e-4,
+    # betas (0.9, 0.99), batch 512, EMA half-life 0.5 Mimg, dropout 0.2, σ up to 800, ln σ ~ N(−1.0, 1.4²)
+    return dict(
+        lr=1e-4, adam_beta2=0.99, global_batch_size=512, ema_rate=SCM_EMA_RATE, dropout=0.2, scm_sigma_max=800.0,
+        p_mean=-1.0, p_std=1.4, random_flip=False,
+    )
+
+
+def _scd_presets(args):
+    # as sCT, with dropout 0 and σ up to EDM's 80 (FastGen's config_scd_cifar10)
+    return dict(_sct_presets(args), dropout=0.0, scm_sigma_max=80.0)
+
+
 
 
 @dataclass(frozen=True)
@@ -292,6 +366,9 @@ class Recipe:
     init_from: str = "unused"  # "required" | "optional" | "unused"
     train_scalings: str = "boundary"
     sample_scalings: str = "boundary"
+    sigma_min: float = SIGMA_MIN  # where a new run's (and a file-less sampler's) boundary condition sits
+    fewstep: str = "cm"  # what --sigmas sample: "cm" (CM's Alg. 1) or "ect" (no clamp between, x + σ·z)
+    quantize: str = "truncate"  # uint8 of its samples: "truncate" (the original's) or "round" (EDM's/ECT's FID)
     presets: Callable = _no_presets
     flags: tuple = ()
     loss_options: tuple = ()
@@ -312,6 +389,20 @@ class Recipe:
     flag_checks: dict = field(default_factory=dict)  # flag -> (test, what it must be)
     check_args: Optional[Callable] = None  # (args) -> raises a one-line ValueError
     time_inputs: int = 1  # the network's time inputs (--time_inputs): 2 for MeanFlow's u(x, t, r)
+    prepare_student: Optional[Callable] = None  # hook(args, model) in cm_train.py after --init_from, before writing
+    monitors: tuple = ()  # per-sample keys of the loss's dict the loop logs (their means) beside the loss
+    consistency_function: Optional[bool] = None  # samples in one step / edits; None: iff boundary scalings
+
+    @property
+    def is_consistency_function(self):
+        if self.consistency_function is not None:
+            return self.consistency_function
+        return self.sample_scalings == "boundary"
+    # two-step sampling of the in-training evaluation (cm.train_eval) and of the grids: indices of the
+    # 40-point grid (the original's CD command), or noise levels (ECT's mid_t 0.821, used for iCT too)
+    two_step_ts: tuple = (0, 22, 39)
+    two_step_sigmas: tuple = ()
+    flow_times: tuple = ()  # a flow model's (one-step, two-step) times of --sampler meanflow
 
     @property
     def needs_teacher(self):
@@ -320,7 +411,7 @@ class Recipe:
 
 _ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_per_iter")
 _ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
-_LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False)
+_LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False, two_step_ts=(), two_step_sigmas=(80.0, 0.821))
 
 def _dmd2_schedule(args):
     return lambda step: (0.0, step)  # no target; the level is the step (it seeds the per-sample draws)
@@ -337,7 +428,7 @@ def _dmd2_row():
         uses_loss_norm=False, extra_networks=("dmd2_critic",), after_step=d.dmd2_after_step,
         build_extra_networks=d.build_critic, new_optimizer=d.new_optimizer, lr_factor=d.lr_factor,
         grad_clip_option="max_grad_norm", flag_defaults=dict(d.FLAG_DEFAULTS), flag_help=dict(d.FLAG_HELP),
-        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args,
+        flag_checks=dict(d.FLAG_CHECKS), check_args=d.check_args, two_step_ts=(), two_step_sigmas=(80.0, 0.821),
     )
 
 
@@ -356,8 +447,12 @@ RECIPES = {
             "progdist", _progdist, teacher="required", target="none", train_scalings="edm", sample_scalings="edm",
             teacher_follows_student=True, checkpoint_files=("teacher_model",), **_ORIGINAL_ROW,
         ),
+        # ECT's ECMPrecond trains with EDM's scalings and samples with the boundary condition at σ_min 0.003;
+        # its few-step generator clamps nothing and re-noises with x + σ·z; its FID pipeline rounds
         Recipe(
             "ect", _ect, _ect_schedule, init_from="required", presets=_ect_presets, level_name="stage",
+            train_scalings="edm", sample_scalings="boundary", sigma_min=ECT_SIGMA_MIN, fewstep="ect",
+            quantize="round",
             flags=("init_from", "ect_double", "ect_q", "huber_c", "p_mean", "p_std"),
             loss_options=("huber_c", "ect_q", "p_mean", "p_std"), **_LATER_ROW,
         ),
@@ -372,16 +467,53 @@ RECIPES = {
             flags=("init_from", "mf_times", "tangent_warmup_steps", "jvp"), loss_options=("mf_times", "jvp"),
             level_name="tangent_warmup", uses_loss_norm=False, time_inputs=2, new_optimizer=meanflow_optimizer,
             flag_defaults=dict(MEANFLOW_FLAG_DEFAULTS), flag_help=dict(MEANFLOW_FLAG_HELP),
-            flag_checks=dict(MEANFLOW_FLAG_CHECKS),
+            flag_checks=dict(MEANFLOW_FLAG_CHECKS), monitors=("v_loss", "adaptive_weight", "du_dt_norm"),
+            flow_times=((0.999, 0.0), (0.999, 0.5, 0.0)),
         ),
         _dmd2_row(),
     )
 }
+_SCM_FLAGS = (
+    "tangent_warmup_steps", "scm_sigma_max", "jvp", "g_norm_spatial_invariance", "divide_x_0_spatial_dim",
+    "prior_weighting", "p_mean", "p_std", "adam_beta2",
+)
+_SCM_FLAG_DEFAULTS = dict(  # --tangent_warmup_steps and --jvp (shared with meanflow): cm.recipe_flags
+    scm_sigma_max=800.0, g_norm_spatial_invariance=False, divide_x_0_spatial_dim=False, prior_weighting=False,
+    adam_beta2=0.999,
+)
+_SCM_FLAG_HELP = {
+    "scm_sigma_max": "sct/scd: the training σ's log-normal is truncated to [0.002, this] (presets: sCT 800, sCD 80)",
+    "g_norm_spatial_invariance": "sct/scd (FastGen's default, not the paper's): normalise g by ‖g‖/√D + 0.1",
+    "divide_x_0_spatial_dim": "sct/scd (FastGen's default, not the paper's): divide the loss by D once more",
+    "prior_weighting": "sct/scd (FastGen's default, not the paper's): weight the loss by 1/σ",
+    "adam_beta2": "sct/scd: RAdam's β2 (sCM: 0.99; the other modes keep torch's 0.999)",
+}
+_SCM_FLAG_CHECKS = {
+    "scm_sigma_max": (lambda v: v > 0.002, "must be larger than σ_min 0.002"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+_SCM_ROW = dict(
+    flag_defaults=_SCM_FLAG_DEFAULTS, flag_help=_SCM_FLAG_HELP, flag_checks=_SCM_FLAG_CHECKS,
+    loss=_scm, schedule=_scm_schedule, target="unwrapped", train_scalings="edm", sample_scalings="edm",
+    level_name="tangent_warmup", uses_loss_norm=False, loss_options=_SCM_FLAGS[:-1],
+    prepare_student=_scm_prepare_student, monitors=("loss_unweighted", "g_norm", "logvar", "jvp_norm"),
+    consistency_function=True,  # an EDM-scaled denoiser that is a consistency function
+    two_step_ts=(), two_step_sigmas=(80.0, 0.982),  # sCM's two-step t_mid 1.1: σ = 0.5·tan 1.1
+)
+RECIPES["sct"] = Recipe(
+    "sct", teacher="unused", init_from="required", presets=_sct_presets, flags=("init_from",) + _SCM_FLAGS,
+    **_SCM_ROW,
+)
+RECIPES["scd"] = Recipe(
+    "scd", teacher="required", frozen_bf16_teacher=True, presets=_scd_presets, flags=_SCM_FLAGS, **_SCM_ROW,
+)
 CM_TRAINING_MODES = tuple(RECIPES)  # what cm_train.py / CMTrainLoop train
 # models that sample with the boundary-condition scalings ("is a consistency model"); edm, progdist: EDM's
 CONSISTENCY_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "boundary")
 # models whose raw output is sampled by a flow sampler (cm.samplers.FLOW_SAMPLERS): MeanFlow
 FLOW_MODES = tuple(m for m, r in RECIPES.items() if r.sample_scalings == "none")
+# models that are consistency functions (one-step sampling, zero-shot editing): those and sCT/sCD
+CONSISTENCY_FUNCTION_MODES = tuple(m for m, r in RECIPES.items() if r.is_consistency_function)
 
 
 def get_recipe(training_mode):
@@ -392,6 +524,20 @@ def get_recipe(training_mode):
             f"use one of {', '.join(CM_TRAINING_MODES)} (EDM: edm_train.py)"
         )
     return RECIPES[training_mode]
+
+
+# edm_train.py's models (not a row: the consistency loop does not train them)
+EDM_SAMPLING = dict(train_scalings="edm", sample_scalings="edm", sigma_min=SIGMA_MIN, fewstep="cm", quantize="truncate")
+
+
+def precond_row(training_mode):
+    """How a model of ``training_mode`` is called: its row's scalings, σ_min, few-step sampler and uint8
+    conversion as a dict ("edm": EDM's scalings and the original's sampling)."""
+    if training_mode == "edm":
+        return dict(EDM_SAMPLING)
+    r = get_recipe(training_mode)
+    keys = ("train_scalings", "sample_scalings", "sigma_min", "fewstep", "quantize")
+    return {k: getattr(r, k) for k in keys}
 
 
 def samples_with_boundary_scalings(training_mode):

@@ -9,8 +9,11 @@ naming it; the run goes on (the user may mean it).
 
 import json
 import os
+import re
 import subprocess
 import warnings
+
+from .formats.untrusted import MAX_METADATA_BYTES, read_regular, safe_text
 
 # Flags whose change on resume makes the run a different run.
 FLAGS_THAT_MATTER = (
@@ -86,18 +89,51 @@ def metadata_bytes(step, flags, world_size):
     return (json.dumps(meta, sort_keys=True, indent=2, default=str) + "\n").encode()
 
 
+_SET_FILE = re.compile(r"^(?:model|target_model|teacher_model|ema_[^_]+_)(\d{6,})\.pt$")
+
+
 def read_metadata(model_path):
-    """The metadata beside ``.../modelNNNNNN.pt``, or None when absent or unreadable."""
-    name = os.path.basename(model_path)
-    if not (name.startswith("model") and name.endswith(".pt")):
+    """The metadata beside ``.../modelNNNNNN.pt`` (or an EMA/target file of that set), or None when absent."""
+    match = _SET_FILE.match(os.path.basename(str(model_path)))
+    if match is None:
         return None
-    path = os.path.join(os.path.dirname(model_path), "meta" + name[len("model") : -len(".pt")] + ".json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+    path = os.path.join(os.path.dirname(str(model_path)), f"meta{match.group(1)}.json")
+    try:  # a regular file of bounded size; too deep a nesting is as unreadable as bad json
+        meta = json.loads(read_regular(path, MAX_METADATA_BYTES, "metadata file"))
+    except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    flags = meta.get("flags")
+    meta["flags"] = {k: v for k, v in flags.items() if isinstance(v, (str, int, float, bool)) or v is None} \
+        if isinstance(flags, dict) else {}  # only plain values are compared
+    if not (meta.get("world_size") is None or type(meta.get("world_size")) is int):
+        meta["world_size"] = None
+    return meta
+
+
+# flags a resumed run takes from its checkpoint's metadata unless given again: they describe the
+# network the checkpoint holds (σ_min: where a consistency model's boundary condition sits)
+KEPT_ON_RESUME = ("sigma_min",)
+
+
+def keep_resumed_flags(args, explicit, logging_dir):
+    """Set `KEPT_ON_RESUME` flags not in ``explicit`` from the metadata of the checkpoint resumed.
+
+    ``args.resume_checkpoint``: a model file, or "auto" (the newest model file in
+    ``logging_dir``). Returns the log line, or None when nothing changed.
+    """
+    from .checkpoint import find_latest_checkpoint
+
+    path = args.resume_checkpoint
+    if path == "auto":
+        path = find_latest_checkpoint(logging_dir)
+    meta = read_metadata(path) if path else None
+    flags = (meta or {}).get("flags") or {}
+    kept = [k for k in KEPT_ON_RESUME if k not in explicit and k in flags and flags[k] != getattr(args, k)]
+    for k in kept:
+        setattr(args, k, type(getattr(args, k))(flags[k]))
+    return ", ".join(f"--{k} {getattr(args, k)}" for k in kept) + f" from {path}'s metadata" if kept else None
 
 
 def changed_flags(saved, current):
@@ -120,7 +156,7 @@ def warn_changed_flags(model_path, flags, world_size):
     for flag, old, new in changes:
         label = "world size" if flag == "world_size" else f"--{flag}"
         warnings.warn(
-            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {old}",
+            f"resuming {model_path} with {label} {new}; the checkpoint was made with {label} {safe_text(old, 200)}",
             stacklevel=2,
         )
     return changes

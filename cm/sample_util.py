@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint, dist_util
+from . import checkpoint, dist_util, run_metadata
 from .checkpoint import CheckpointError
 from .cli import OneLineArgumentParser, UsageError
 from .fileio import write_atomic
@@ -47,7 +47,7 @@ from .karras_diffusion import karras_sample
 from .meanflow import meanflow_sample, parse_flow_times
 from .random_util import get_generator
 from .samplers import CHURN_DEFAULTS, FLOW_SAMPLERS
-from .recipes import CONSISTENCY_MODES, FLOW_MODES, RECIPES, samples_with_boundary_scalings  # noqa: F401  (CONSISTENCY_MODES: re-exported)
+from .recipes import CONSISTENCY_MODES, FLOW_MODES, RECIPES, precond_row, samples_with_boundary_scalings  # noqa: F401
 from .script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -72,9 +72,15 @@ SAMPLE_HELP = {
     "sigmas": "comma list of descending noise levels for --sampler multistep instead of --ts, e.g. 80,0.821 "
     "(ECT/iCT two-step); each in [sigma_min, sigma_max], one network call each",
     "training_mode": "how the checkpoint was trained; " + "/".join(CONSISTENCY_MODES) + " use "
-    "the consistency-model scalings, edm/progdist the EDM ones, meanflow none (the network's output is u)",
+    "the consistency-model scalings, edm/progdist the EDM ones, meanflow none (the network's output is u); ect "
+    "also ECT's few-step sampler for --sigmas (no clamp in between, x + σ·z)",
     "flow_times": "--sampler meanflow: comma list of decreasing times in [0, 0.999]; one step per pair "
     "x <- x - (t - s)·u(x, t, s) from x = t_0·e (0.999,0: one step; 0.999,0.5,0: two)",
+    "sigma_min": "smallest noise level σ_min, where the consistency models' boundary condition sits (default: the "
+    "run's own, from the metaNNNNNN.json beside --model_path; else 0.003 for ect, 0.002 otherwise)",
+    "quantize": "uint8 conversion of the samples: truncate ((x+1)·127.5 cut down, the original's) or round "
+    "(x·127.5+128 cut down, EDM's and ECT's FID pipelines); empty: round for --training_mode ect and EDM/ECT .pkl "
+    "files, truncate otherwise",
 }
 
 
@@ -204,6 +210,37 @@ def check_sample_args(args):
 uses_distillation = samples_with_boundary_scalings
 
 
+def resolve_sampling(args, network=None):
+    """Settle σ_min and ``--quantize`` from the model's row; returns (fewstep, [log lines]).
+
+    σ_min, when not given: the run's own (the ``metaNNNNNN.json`` of an
+    ``ema_*``/``model*`` file of the same training mode), else the row's (0.003
+    for ECT, whose networks have it; 0.002 otherwise). A self-describing file
+    has set it already. ``--quantize`` empty: the row's (round for ECT), round
+    for any EDM/ECT ``.pkl`` (as their FID pipelines), else truncate (the original).
+    """
+    row = precond_row(args.training_mode)
+    notes = []
+    default_min = model_and_diffusion_defaults()["sigma_min"]
+    if network is None and args.sigma_min == default_min:
+        meta = run_metadata.read_metadata(args.model_path) or {}
+        flags = meta.get("flags") or {}
+        if flags.get("training_mode") == args.training_mode and "sigma_min" in flags:
+            args.sigma_min = float(flags["sigma_min"])
+            notes.append(f"sigma_min {args.sigma_min} from the run's metadata beside {args.model_path}")
+        elif row["sigma_min"] != default_min:
+            args.sigma_min = row["sigma_min"]
+            notes.append(f"sigma_min {args.sigma_min}: the {args.training_mode} default")
+    if not hasattr(args, "quantize"):  # a script without uint8 files of its own (image_edit.py rounds)
+        return row["fewstep"], notes
+    if not args.quantize:
+        from_pkl = network is not None and network[1].get("precond") is not None
+        args.quantize = "round" if from_pkl or row["quantize"] == "round" else "truncate"
+    if args.quantize not in QUANTIZE:
+        raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {args.quantize!r}")
+    return row["fewstep"], notes
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints
 
@@ -260,9 +297,23 @@ def batch_indices(done, batch_size, rank, world_size, num_samples):
     return idx.clamp(max=num_samples - 1)
 
 
-def to_uint8(x):
-    """NCHW float in [−1, 1] → NHWC uint8, truncating like the original script."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+QUANTIZE = ("truncate", "round")
+
+
+def to_uint8(x, quantize="truncate"):
+    """NCHW float in [−1, 1] → NHWC uint8.
+
+    "truncate": ⌊(x + 1)·127.5⌋, the original script's conversion (about half a
+    level darker on average); "round": ⌊x·127.5 + 128⌋ clipped to [0, 255], what
+    EDM's and ECT's FID pipelines write, = (x + 1)·127.5 rounded half up.
+    """
+    if quantize == "truncate":
+        v = (x + 1) * 127.5
+    elif quantize == "round":
+        v = x * 127.5 + 128
+    else:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    return v.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def gather_in_index_order(t):
@@ -297,12 +348,16 @@ def sample_images(
     device=None,
     progress=True,
     flow_times=None,
+    fewstep="cm",
+    quantize="truncate",
     **churn,
 ):
     """Draw ``num_samples`` samples on all ranks; returns (uint8 NHWC array, int64 labels or None).
 
     Every rank gets the full result, in sample-index order. ``batch_size`` is
     per process. See the module docstring for what makes it reproducible.
+    ``fewstep``: what ``sigmas`` run ("cm" or "ect", see `karras_sample`);
+    ``quantize``: the uint8 conversion (`to_uint8`).
     ``churn``: heun/dpm's s_churn, s_tmin, s_tmax, s_noise (`cm.samplers.CHURN_DEFAULTS`).
     ``sampler="meanflow"``: a two-time network stepped over ``flow_times``.
     """
@@ -348,10 +403,11 @@ def sample_images(
                 generator=noise,
                 ts=ts,
                 sigmas=sigmas,
+                fewstep=fewstep,
                 **churn,
             )
         keep = min(world * batch_size, num_samples - done)  # drop the clamped padding
-        images.append(gather_in_index_order(to_uint8(x))[:keep])
+        images.append(gather_in_index_order(to_uint8(x, quantize))[:keep])
         if class_cond:
             labels.append(gather_in_index_order(model_kwargs["y"].long())[:keep])
         bar.update(keep)

@@ -197,6 +197,28 @@ def sample_multistep_sigmas(distiller, x, sigmas, generator, progress=False, cal
 
 
 @torch.no_grad()
+def sample_ect_fewstep(distiller, x, sigmas, generator, progress=False, callback=None):
+    """ECT's few-step generator at the given descending noise levels (NFE = len(sigmas)).
+
+    x = f(x, σ_i), then x = x + σ_{i+1}·z: unlike CM's Alg. 1 the re-noising is
+    not shrunk by σ_min and ``distiller`` is called unclamped (ECT clamps nothing).
+    Two steps: f(f(x_T, 80) + 0.821·z, 0.821).
+    """
+    s_in = x.new_ones([x.shape[0]])
+    for i in _steps(len(sigmas), progress):
+        x0 = distiller(x, sigmas[i] * s_in)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": x0})
+        x = x0
+        if i + 1 < len(sigmas):
+            x = x0 + generator.randn_like(x0) * sigmas[i + 1]
+    return x
+
+
+FEWSTEP = ("cm", "ect")  # CM's Alg. 1 (clamped f, √(σ² − σ_min²) re-noising) or ECT's generator
+
+
+@torch.no_grad()
 def sample_progdist(denoiser, x, sigmas, generator=None, progress=False, callback=None):
     """Euler sampling over the grid without its trailing 0 (progressive-distillation models)."""
     s_in = x.new_ones([x.shape[0]])

@@ -240,11 +240,14 @@ def create_model_and_diffusion(
     augment_dim=0,
     label_dropout=0.0,
     time_inputs=1,
+    train_scalings=None,
 ):
     """Build the network and its `KarrasDenoiser`. `loss_norm` reaches the denoiser.
 
     ``distillation`` (the original's keyword): use the boundary-condition
-    scalings, as every consistency model does (the table's ``"boundary"`` rows).
+    scalings, as every consistency model does (the table's ``"boundary"`` rows);
+    ``train_scalings``: "edm"/"boundary" for the training losses when they differ
+    from sampling's (ECT), None: the same.
     """
     model = create_model(
         image_size,
@@ -276,6 +279,7 @@ def create_model_and_diffusion(
         weight_schedule=weight_schedule,
         loss_norm=loss_norm,
         lpips_path=lpips_path,
+        train_scalings=train_scalings,
     )
     return model, diffusion
 

@@ -49,13 +49,14 @@ from .checkpoint import load_model_state
 from .checkpoint_set import CheckpointSet, float_copies
 from .cli import on_all_ranks, parse_ema_rates  # noqa: F401  (parse_ema_rates: re-exported)
 from .fp16_util import MixedPrecisionTrainer, master_params_to_model_params, master_params_to_state_dict
-from .nn import update_ema
+from .nn import LOGVAR_HEAD, has_logvar_head, update_ema
 from .precision import resolve_precision, wrap as precision_wrap
 from .random_util import SEED_STEP, derived_seed, seed_all  # noqa: F401  (derived_seed, seed_all: re-exported)
 from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
 from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
 from .schedules import get_sigmas_karras, noise_bins  # noqa: F401  (noise_bins: re-exported)
 from .step_data import StepBatches  # noqa: F401  (re-exported: tests import it from here)
+from .train_eval import grid_filename
 from .train_script import per_rank_batch_size  # noqa: F401  (re-exported)
 
 # Debug switch: with several processes, train WITHOUT DistributedDataParallel
@@ -117,6 +118,8 @@ class TrainLoop(CheckpointSet):
         precision=None,
         max_bad_steps=20,
         run_flags=None,
+        adam_betas=(0.9, 0.999),
+        evaluator=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -135,6 +138,7 @@ class TrainLoop(CheckpointSet):
         self.save_interval = save_interval
         self.schedule_sampler = schedule_sampler or LogNormalSampler()
         self.weight_decay = weight_decay
+        self.adam_betas = tuple(adam_betas)
         self.lr_anneal_steps = lr_anneal_steps
         self.total_training_steps = total_training_steps
         self.logging_dir = logging_dir or None
@@ -147,6 +151,8 @@ class TrainLoop(CheckpointSet):
         self.bad_steps = faults.BadStepGuard(max_bad_steps)
         self._nan_steps = faults.injected_nan_steps()
         self.run_flags = run_flags
+        self.evaluator = evaluator  # cm.train_eval.TrainingEvaluator: FID every N steps, grids at checkpoints
+        self._evaluated_step = None
         self._weights_only = False  # resumed from a file that is not modelNNNNNN.pt
 
         # bf16: autocast network calls over float32 weights (cm.precision); None = from use_fp16
@@ -209,6 +215,8 @@ class TrainLoop(CheckpointSet):
                 batch, cond = on_all_ranks(lambda: next(self.data))
                 self.run_step(batch, cond)
                 if self.step != before:
+                    if self.evaluator is not None and self.evaluator.due(self.step, self.finished()):
+                        self.evaluate()
                     # no periodic save amid non-finite steps: the last good set stays the newest
                     due = self.save_interval > 0 and self.step % self.save_interval == 0
                     if due and not self.bad_steps.in_a_row:
@@ -219,10 +227,30 @@ class TrainLoop(CheckpointSet):
                 if stop.requested():
                     logger.log(f"SIGTERM received: stopping after step {self.step}")
                     break
+        if self.evaluator is not None and self.evaluator.interval and self.step not in (start, self._evaluated_step):
+            self.evaluate()  # stopped early: the end's evaluation
+            logged = None
         if self.step != logged:
             logger.dumpkvs()
         if self.step != start and self._saved_step != self.step:
             self.save()
+
+    def _ema_states(self):
+        """{rate: () ↦ the EMA weights as a model state_dict} (built only when asked for)."""
+        return {
+            rate: (lambda params=params: self.mp_trainer.master_params_to_state_dict(params))
+            for rate, params in zip(self.ema_rate, self.ema_params)
+        }
+
+    def evaluate(self):
+        """The evaluator's FID of the EMA network(s) now, logged with this step's values."""
+        metrics = self.evaluator.evaluate(self.step, self._ema_states())
+        for key, value in metrics.items():
+            logger.logkv(key, value)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("fid_"))
+        logger.log(f"evaluation after {self.step} steps: {shown} ({metrics['eval_seconds']:.1f} s)")
+        self._evaluated_step = self.step
+        return metrics
 
     def _seed_step(self):
         if self.seed is not None:
@@ -351,6 +379,13 @@ class TrainLoop(CheckpointSet):
         logger.logkv("step", self.step)
         logger.logkv("samples", (self.step + 1) * self.global_batch)
 
+    def save(self):
+        """`CheckpointSet.save`, then the fixed-seed sample grid ``samples_<step>.png`` beside the checkpoint."""
+        super().save()
+        directory = self.checkpoint_dir()
+        if directory is not None and self.evaluator is not None and self.evaluator.grid_samples:
+            path = os.path.join(directory, grid_filename(self.step))
+            on_all_ranks(lambda: self.evaluator.write_grid(path, self._ema_states()))
 
 
 # ----------------------------------------------------------------------------
@@ -423,7 +458,12 @@ class CMTrainLoop(TrainLoop):
 
     def _initial_weights(self):
         if self.teacher_model is not None and not self.resume_checkpoint:
-            load_model_state(self.model, self.teacher_model.state_dict(), "the teacher model")
+            state = self.teacher_model.state_dict()
+            if has_logvar_head(self.model) and not has_logvar_head(state):
+                # an sCM student keeps its own (fresh) log-variance head: the teacher has none
+                own = self.model.state_dict()
+                state = {**state, **{k: v for k, v in own.items() if k.startswith(LOGVAR_HEAD + ".")}}
+            load_model_state(self.model, state, "the teacher model")
 
     def _setup_networks(self):
         if self.target_model is not None:
@@ -518,8 +558,8 @@ class CMTrainLoop(TrainLoop):
                 losses = self.recipe.loss(self.diffusion, self.nets, batch[part], level, micro_cond, self.loss_options)
                 self._backward(losses["loss"].sum() / n)
             log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
-            for key, values in losses.get("monitors", {}).items():  # a row's own per-sample monitors
-                logger.logkv_mean(key, values.detach().double().mean().item())
+            for key in self.recipe.monitors:
+                logger.logkv_mean(key, losses[key].detach().float().mean().item())
             if "r" in losses:  # a pair of levels (t, r) per sample
                 logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
                 logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())

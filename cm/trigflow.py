@@ -21,13 +21,11 @@ runs; its keys in a state_dict are what records that a checkpoint has it.
 """
 
 import torch
-from torch import nn
 
 from .jvp import central_difference, jvp
-from .nn import append_dims
+from .nn import LOGVAR_HEAD, append_dims, attach_logvar_head, has_logvar_head  # noqa: F401  (re-exported)
 from .precond import SIGMA_DATA
 
-LOGVAR_HEAD = "logvar_linear"
 TIME_TANGENT = 250.0  # d(250·ln(σ_d tan t̂))/dt̂ · cos t̂ sin t̂ = 250 exactly
 
 
@@ -98,25 +96,7 @@ def trigflow_fd(net, path, t_hat, sigma_data=SIGMA_DATA, rng=None, rel_eps=1e-3,
 
 
 # ----------------------------------------------------------------------------
-# The adaptive-weight head
-
-
-def attach_logvar_head(net):
-    """Give ``net`` sCM's log-variance head (one Linear, features → 1), zero-initialised: ℓ = 0 at start."""
-    width = net.time_features(torch.zeros(1)).shape[1]
-    head = nn.Linear(width, 1)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    head.to(next(net.parameters()).device)
-    setattr(net, LOGVAR_HEAD, head)
-    return net
-
-
-def has_logvar_head(net_or_state):
-    """Whether a network (or a state_dict, any wrapper prefix) carries the head."""
-    if isinstance(net_or_state, nn.Module):
-        return isinstance(getattr(net_or_state, LOGVAR_HEAD, None), nn.Module)
-    return any(k.split(".")[-2:-1] == [LOGVAR_HEAD] for k in net_or_state)
+# The adaptive-weight head (the layer itself: `cm.nn.attach_logvar_head`)
 
 
 def logvar(net, t_hat, sigma_data=SIGMA_DATA):

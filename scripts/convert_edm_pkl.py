@@ -19,9 +19,8 @@ except ImportError:  # a checkout that is not pip-installed: use the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm.cli import OneLineArgumentParser, UsageError, run_cli
-from cm.formats.edm_pickle import load_edm_pickle
 from cm.fileio import save_atomic, write_atomic
-from cm.formats.model_files import STRUCTURE_FLAGS
+from cm.formats.model_files import STRUCTURE_FLAGS, read_edm_network
 
 
 def flags_path(out):
@@ -41,7 +40,7 @@ def main(argv=None):
     if not os.path.isfile(args.pkl):
         raise UsageError(f"--pkl: {args.pkl}: no such file")
     try:
-        model, flags = load_edm_pickle(args.pkl)
+        model, flags = read_edm_network(args.pkl)
     except UsageError as e:
         raise UsageError(f"--pkl: {e}") from None
 
@@ -50,6 +49,7 @@ def main(argv=None):
     script_flags["training_mode"] = flags["training_mode"]
     if "sigma_min" in flags:
         script_flags["sigma_min"] = flags["sigma_min"]
+    script_flags["quantize"] = "round"  # image_sample.py rounds for EDM/ECT files, as their FID pipelines
     save_atomic(model.state_dict(), args.out)
     text = json.dumps({"flags": script_flags, "source": os.path.basename(args.pkl), "edm": flags}, indent=2)
     write_atomic(flags_path(args.out), lambda f: f.write((text + "\n").encode()))

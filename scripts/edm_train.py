@@ -4,6 +4,7 @@ Launch plainly, with `mpiexec -n K`, or with `torchrun --nproc_per_node K`.
 Checkpoints, log.txt, progress.csv and args.json go to --logging_dir.
 """
 
+import copy
 import os
 import sys
 
@@ -23,8 +24,9 @@ from cm.script_util import (
     model_and_diffusion_kwargs,
     train_defaults,
 )
+from cm.train_eval import EVAL_HELP, build_evaluator, eval_flag_defaults
 from cm.train_script import loop_kwargs, setup_run, start_run
-from cm.train_util import TrainLoop
+from cm.train_util import TrainLoop, parse_ema_rates
 
 HELP = {
     "schedule_sampler": "training noise levels: lognormal (ln σ ~ N(-1.2, 1.2²)) or loss-second-moment "
@@ -40,8 +42,9 @@ def create_argparser():
     defaults = dict(model_and_diffusion_defaults())
     defaults.update(train_defaults())
     defaults.update(schedule_sampler="lognormal", total_training_steps=0, seed=0, random_flip=True)
+    defaults.update(eval_flag_defaults())
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    add_dict_to_argparser(parser, defaults, help=HELP)
+    add_dict_to_argparser(parser, defaults, help={**HELP, **EVAL_HELP})
     add_speed_flags(parser)
     return parser
 
@@ -60,9 +63,13 @@ def main(argv=None):
     log_dir, batch_size, batch_note = setup_run(args)
     model, diffusion = create_model_and_diffusion(**model_and_diffusion_kwargs(args))
     model.to(dist_util.dev())
-    prepare_from_args(model, args, dist_util.dev().type)
+    eval_net = copy.deepcopy(model)  # the evaluator samples its own copy, loaded with the EMA weights
+    for net in (model, eval_net):
+        prepare_from_args(net, args, dist_util.dev().type)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    evaluator = build_evaluator(args, eval_net, diffusion, None, parse_ema_rates(args.ema_rate), device=dist_util.dev())
     loop = TrainLoop(
+        evaluator=evaluator,
         schedule_sampler=schedule_sampler,
         **loop_kwargs(args, model=model, diffusion=diffusion, batch_size=batch_size, log_dir=log_dir),
     )

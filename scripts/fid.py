@@ -9,11 +9,13 @@ The Inception weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
 from cm.cli import OneLineArgumentParser
+from cm.formats.untrusted import UntrustedFileError, check_npz_file, open_regular
 from cm.metrics.evaluation import (
     EvaluationError,
     evaluate,
@@ -69,6 +71,12 @@ def main(argv=None):
     if args.batch_size < 1 or args.splits < 1:
         parser.error("--batch_size and --splits must be positive")
 
+    for flag, path in (("--sample_npz", args.sample_npz), ("--ref", args.ref)):
+        if path and not os.path.isdir(path) and os.path.lexists(path):
+            try:  # a regular file (never a FIFO or device); an .npz whose arrays hold what they declare
+                check_npz_file(path, flag) if path.endswith(".npz") else open_regular(path, what=flag).close()
+            except UntrustedFileError as e:
+                raise EvaluationError(f"{flag}: {e}") from None
     if args.sample_npz:
         npz_images_shape(args.sample_npz)  # fail on a bad sample file before any heavy work
     if args.save_stats and is_stats_file(args.ref):

@@ -25,13 +25,14 @@ from cm.edit_util import (
     to_float,
 )
 from cm.formats.model_files import SAMPLING_FLAGS, adopt_network_flags
-from cm.sample_util import load_model_and_diffusion
+from cm.sample_util import load_model_and_diffusion, resolve_sampling
 
 
 def main(argv=None):
     args = create_edit_argparser(description=__doc__.splitlines()[0]).parse_args(argv)
     # a self-describing file (ECT .pkl) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", edit_flag_defaults(), SAMPLING_FLAGS)
+    _, notes = resolve_sampling(args, network)  # σ_min: the run's own, else the mode's (ECT: 0.003)
     sigmas, class_labels = check_edit_args(args)
 
     dist_util.setup_dist()
@@ -45,6 +46,8 @@ def main(argv=None):
     logger.save_args(args)
     if prefix:
         logger.log(f"checkpoint keys carry the wrapper prefix {prefix!r}; stripped it")
+    for note in notes:
+        logger.log(note)
 
     def distiller(x, sigma, y):
         return diffusion.denoise(model, x, sigma, **({"y": y} if y is not None else {}))[1]

@@ -25,6 +25,7 @@ from cm.sample_util import (
     create_argparser,
     load_model_and_diffusion,
     parse_sigmas,
+    resolve_sampling,
     sample_flag_defaults,
     sample_images,
     save_samples,
@@ -32,10 +33,12 @@ from cm.sample_util import (
 
 
 def main(argv=None):
-    defaults = dict(sample_flag_defaults(), sigmas="", flow_times="0.999,0")
+    defaults = dict(sample_flag_defaults(), sigmas="", quantize="", flow_times="0.999,0")
     args = create_argparser(defaults, description=__doc__.splitlines()[0]).parse_args(argv)
     # a self-describing file (EDM .pkl) sets the network flags; a contradicting flag is an error
     network = adopt_network_flags(args, "model_path", sample_flag_defaults(), SAMPLING_FLAGS)
+    # the model's row: σ_min (the run's own when not given), few-step sampler, uint8 conversion
+    fewstep, notes = resolve_sampling(args, network)
     ts, class_labels = check_sample_args(args)
     flow_times = check_flow_args(args)
     sigmas = parse_sigmas(args.sigmas, args.sampler, args.sigma_min, args.sigma_max)
@@ -49,7 +52,11 @@ def main(argv=None):
     if prefix:
         logger.log(f"checkpoint keys carry the wrapper prefix {prefix!r}; stripped it")
 
-    logger.log(f"sampling {args.num_samples} images with {args.sampler} ({args.training_mode} scalings)...")
+    for note in notes:
+        logger.log(note)
+    logger.log(f"sampling {args.num_samples} images with {args.sampler} ({args.training_mode} scalings, "
+               f"sigma_min {args.sigma_min}{', ECT few-step' if fewstep == 'ect' and sigmas else ''}, "
+               f"uint8 by {args.quantize})...")
     images, labels = sample_images(
         wrap(model, args.precision, frozen=True),
         diffusion,
@@ -69,6 +76,8 @@ def main(argv=None):
         sigma_max=args.sigma_max,
         **churn_kwargs(args),
         flow_times=flow_times,
+        fewstep=fewstep,
+        quantize=args.quantize,
     )
     if dist_util.get_rank() == 0:
         npz_path, png_path = save_samples(logger.get_dir(), images, labels)

@@ -23,7 +23,7 @@ from cm.tools import demo  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("heun", "onestep", "twostep", "ect_onestep", "ect_twostep", "ict_onestep", "ict_twostep",
             "dmd2_onestep", "dmd2_twostep", "dmd2_gan_onestep", "dmd2_gan_twostep",
-            "mf_onestep", "mf_twostep")
+            "sct_onestep", "sct_twostep", "scd_onestep", "scd_twostep", "mf_onestep", "mf_twostep")
 
 
 # ----------------------------------------------------------------------------
@@ -80,9 +80,18 @@ def test_table_and_comparison_grid():
     assert re.match(r"\| EDM teacher, Heun 18 steps \|\s+35 \|\s+10\.0 \|\s+50\.0 \|\s+97\.2 \|\s+1\.23 \|", lines[2])
     images = np.full((20, 16, 16, 3), 200, dtype=np.uint8)
     labels = np.arange(20) % 10
+    # one row per sampler: per_class cells high, one column per class, rows 4 px apart
     grid = demo.comparison_grid([(images, labels), (images, labels)], per_class=2, scale=1, gap=4, line=1)
-    assert grid.shape == (2 * 17 + 1, 2 * (10 * 17 + 1) + 4, 3)
+    assert grid.shape == (2 * (2 * 17 + 1) + 4, 10 * 17 + 1, 3)
     assert (grid[1:17, 1:17] == 200).all() and (grid[0, : 10 * 17 + 1] == 96).all()
+    assert (grid[2 * 17 + 1 : 2 * 17 + 5] == 255).all()  # the white gap between the rows
+    assert (grid[2 * 17 + 5 + 1 : 2 * 17 + 5 + 17, 1:17] == 200).all()
+    # titles: a label column at the left and a header of class ids; the rows keep their pixels
+    titled = demo.comparison_grid([(images, labels), (images, labels)], per_class=2, scale=1, gap=4, line=1,
+                                  titles=["EDM teacher, Heun 18 steps: 35 NFE", "CD, one step: 1 NFE"])
+    top, left = titled.shape[0] - grid.shape[0], titled.shape[1] - grid.shape[1]
+    assert top > 0 and left > 100 and (titled[top:, left:] == grid).all()
+    assert (titled[top:, : left - 4] < 128).any()  # the titles are drawn
 
 
 def test_sampler_evaluation_counts():
@@ -92,7 +101,29 @@ def test_sampler_evaluation_counts():
     assert recipes == [("ect_onestep", 1, "ect"), ("ect_twostep", 2, "ect"), ("ict_onestep", 1, "ict"),
                        ("ict_twostep", 2, "ict"), ("dmd2_onestep", 1, "dmd2"), ("dmd2_twostep", 2, "dmd2"),
                        ("dmd2_gan_onestep", 1, "dmd2"), ("dmd2_gan_twostep", 2, "dmd2"),
+                       ("sct_onestep", 1, "sct"), ("sct_twostep", 2, "sct"),
+                       ("scd_onestep", 1, "scd"), ("scd_twostep", 2, "scd"),
                        ("mf_onestep", 1, "meanflow"), ("mf_twostep", 2, "meanflow")]
+
+
+def test_recipe_stages_get_cd_training_compute_in_counted_passes():
+    from cm.tools import demo_recipes as dr
+
+    cfg = demo.DemoConfig()
+    assert dr.CD_PASSES_PER_IMAGE == 6 and dr.cd_budget(cfg) == 6 * 32 * 800
+    for stage in (dr.ECT, dr.ICT):
+        steps = dr.budget_steps(stage, cfg)
+        assert stage.passes_per_image == 4 and steps == 1200  # 2 forwards + 1 backward (= 2 forwards) per image
+        argv = dr.stage_train_argv(stage, cfg, "d", "l", "t.pt")
+        assert f"--total_training_steps={steps}" in argv and f"--save_interval={steps}" in argv
+    twice = dataclasses.replace(cfg, cd_steps=1600, recipe_batch_size=64)  # the rule scales, it is not a table
+    assert [dr.budget_steps(stage, twice) for stage in (dr.ECT, dr.ICT)] == [1200, 1200]
+    # DMD2 at R = 5: generator turn 5 (+3 with the GAN), 5 critic updates of 3 (+6), 4 fresh G forwards
+    assert (dr.dmd2_passes(5, gan=False), dr.dmd2_passes(5, gan=True)) == (24, 57)
+    assert (dr.budget_steps(dr.DMD2, cfg), dr.budget_steps(dr.DMD2_GAN, cfg)) == (200, 84)
+    # sCT and MeanFlow: the training pass (forward + backward) and the JVP (two forwards); sCD also its teacher
+    assert [dr.budget_steps(s, cfg) for s in (dr.SCT, dr.SCD, dr.MEANFLOW)] == [960, 800, 960]
+    assert dr.budget_steps(dr.ECT, dataclasses.replace(cfg, recipe_steps=7)) == 7
 
 
 # ----------------------------------------------------------------------------
@@ -138,17 +169,19 @@ def test_quick_run_samples_and_grids(quick_run):
         np.testing.assert_array_equal(labels, np.arange(n) % 10)  # --class_labels 0..9 in turn
         with Image.open(folder / f"samples_{n}x{s}x{s}x3.png") as im:
             assert im.size[0] > 0 and im.size[1] > 0
-    with Image.open(out / "comparison.png") as im:
-        assert im.mode == "RGB" and im.size[0] > im.size[1]
+    with Image.open(out / "comparison.png") as im:  # one row per sampler: reads at README width
+        assert im.mode == "RGB" and im.size[0] < 1000 and im.size[1] > len(SAMPLERS) * 2 * cfg.image_size
     assert (out / "edm" / f"ema_{cfg.edm_ema_rate}_{cfg.edm_steps:06d}.pt").is_file()
     assert (out / "cd" / f"ema_{cfg.cd_ema_rate}_{cfg.cd_steps:06d}.pt").is_file()
     assert (out / "classifier.pt").is_file()
-    for mode in ("ect", "ict", "mf"):  # the quick preset runs its steps (no time limit)
-        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_000003.pt").is_file()
+    quick_steps = {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1, "sct": 5, "scd": 4, "mf": 5}  # CD's 4 × 8 × 6, see below
+    for mode in ("ect", "ict", "sct", "scd", "mf"):
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
     for mode in ("dmd2", "dmd2_gan"):
-        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{cfg.dmd2_steps:06d}.pt").is_file()
-        assert (out / mode / f"dmd2_critic{cfg.dmd2_steps:06d}.pt").is_file()
-    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train", "mf_train",
+        assert (out / mode / f"ema_{cfg.recipe_ema_rate}_{quick_steps[mode]:06d}.pt").is_file()
+        assert (out / mode / f"dmd2_critic{quick_steps[mode]:06d}.pt").is_file()
+    for log in ("edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train", "dmd2_gan_train",
+                "sct_train", "scd_train", "mf_train",
                 *(f"sample_{n}" for n in SAMPLERS)):
         assert (out / "logs" / f"{log}.log").stat().st_size > 0
 
@@ -158,7 +191,9 @@ def test_quick_run_prints_the_table(quick_run):
     nfe = {"EDM teacher, Heun": 2 * cfg.heun_steps - 1, "CD, one step": 1, "CD, two steps": 2}
     nfe.update({"ECT, one step": 1, "ECT, two steps": 2, "iCT, one step": 1, "iCT, two steps": 2})
     nfe.update({"CD + DMD2, one step": 1, "CD + DMD2, two steps": 2, "CD + DMD2 + GAN, one step": 1,
-                "CD + DMD2 + GAN, two steps": 2, "MeanFlow, one step": 1, "MeanFlow, two steps": 2})
+                "CD + DMD2 + GAN, two steps": 2})
+    nfe.update({"sCT, one step": 1, "sCT, two steps": 2, "sCD, one step": 1, "sCD, two steps": 2})
+    nfe.update({"MeanFlow, one step": 1, "MeanFlow, two steps": 2})
     for label, evaluations in nfe.items():
         row = [line for line in stdout.splitlines() if line.startswith(f"| {label}")]
         assert len(row) == 1, stdout
@@ -176,16 +211,20 @@ def test_quick_run_results_json(quick_run):
     assert results["config"] == cfg.as_dict()
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == set(SAMPLERS) | {"real"}
-    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
-    assert results["recipe_steps"] == {"ect": 3, "ict": 3, "dmd2": cfg.dmd2_steps, "dmd2_gan": cfg.dmd2_steps, "mf": 3}
+    assert [rows[n]["nfe"] for n in SAMPLERS] == [2 * cfg.heun_steps - 1] + [1, 2] * ((len(SAMPLERS) - 1) // 2)
+    # CD's 4 × 8 × 6 = 192 passes: ECT/iCT 4 per image (6 steps of 8), DMD2 at R = 2: 12 (2 steps), 27 with GAN (1),
+    # sCT and MeanFlow 5 (5 steps), sCD 6 (4 steps)
+    assert results["recipe_steps"] == {"ect": 6, "ict": 6, "dmd2": 2, "dmd2_gan": 1, "sct": 5, "scd": 4, "mf": 5}
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["frechet"])
     for name in SAMPLERS:
         assert rows[name]["seconds"] > 0 and rows[name]["images"] == cfg.num_samples
         assert (out / results["files"]["samples"][name]["npz"]).is_file()
     assert set(results["commands"]) == {"edm_train", "cm_train", "ect_train", "ict_train", "dmd2_train",
-                                        "dmd2_gan_train", "mf_train", "edit_inpaint", "edit_superres"} | {
-        f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+                                        "dmd2_gan_train", "sct_train", "scd_train", "mf_train",
+                                        "edit_inpaint",
+                                        "edit_superres"} | {f"sample_{n}" for n in SAMPLERS}  # fmt: skip
+    assert any(a.startswith("--teacher_model_path=") and "/edm/" in a for a in results["commands"]["scd_train"])
     for key in ("dmd2_train", "dmd2_gan_train"):  # the CD model tuned, the teacher as the real score
         cmd = results["commands"][key]
         assert any(a.startswith("--init_from=") and "/cd/" in a for a in cmd)

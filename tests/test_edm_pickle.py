@@ -122,7 +122,7 @@ def test_ecm_precond_maps_to_boundary_scalings(ddpmpp, tmp_path, monkeypatch, ca
     rc, err = run_script("image_sample", f"--model_path {path} --sampler onestep --num_samples 2 --batch_size 2 "
                          f"--logging_dir {out}", capsys)
     assert rc == 0, err
-    assert json.loads((out / "args.json").read_text())["training_mode"] == "consistency_training"
+    assert json.loads((out / "args.json").read_text())["training_mode"] == "ect"
     rc, err = run_script("image_edit", f"--task denoise --model_path {path} --sigmas 0.5,0.002 --num_images 2 "
                          f"--input {out / 'samples_2x16x16x3.npz'} --logging_dir {tmp_path / 'e'}", capsys)
     assert rc == 0, err

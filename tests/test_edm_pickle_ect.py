@@ -62,7 +62,7 @@ def with_prefix(data, code):
 
 
 HOSTILE = {
-    "extra_global": (b"cos\nsystem\n(S'echo pwned'\ntR", "refusing the global os.system"),
+    "extra_global": (b"cos\nsystem\n(S'echo pwned'\ntR", "'os.system' (not on the EDM snapshot allow-list)"),
     "getattr_of_builtin": (b"cbuiltins\ngetattr\n(S'x'\nS'__class__'\ntR", "getattr on something other"),
     "getattr_of_getattr": (b"cbuiltins\ngetattr\n(cbuiltins\ngetattr\nS'__call__'\ntR", "getattr on something"),
 }

@@ -40,7 +40,7 @@ def test_every_row_is_well_formed(parser):
     for name, row in recipes.RECIPES.items():
         assert row.name == name and callable(row.loss) and callable(row.schedule)
         assert row.teacher in ("required", "optional", "unused")
-        assert row.target in ("ema", "online", "none")
+        assert row.target in ("ema", "online", "unwrapped", "none")
         assert row.init_from in ("required", "optional", "unused")
         assert {row.train_scalings, row.sample_scalings} <= set(recipes.SCALINGS)
         assert set(row.flags) <= dests and set(row.loss_options) <= dests, name

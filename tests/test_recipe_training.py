@@ -123,7 +123,7 @@ def test_ect_run_starts_from_init_from_applies_the_preset_and_logs(data_dir, edm
     proc = script(*flags.split(), log_dir=log_dir)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "ect preset: dropout=0.2, ema_rate=0.9999, lr=0.0001, random_flip=False" in out  # batch, steps given
+    assert "ect preset: dropout=0.2, ema_rate=0.9999, lr=0.0001, random_flip=False, sigma_min=0.003" in out  # batch, steps given
     header = (log_dir / "progress.csv").read_text().splitlines()[0].split(",")
     assert {"stage", "t_mean", "r_over_t", "r_zero", "loss_q1"} <= set(header)
     assert files(log_dir, 2) == ["ema_0.9999_000002.pt", "model000002.pt", "opt000002.pt"]
@@ -176,7 +176,7 @@ def test_presets_fill_only_flags_not_given_and_leave_other_modes_alone():
 
     ect = resolved(["--training_mode", "ect", "--lr=3e-5", "--global_batch", "64"])  # --k=v and an abbreviation
     assert (ect.lr, ect.global_batch_size, ect.dropout, ect.ema_rate) == (3e-5, 64, 0.2, "0.9999")
-    assert (ect.total_training_steps, ect.ect_double, ect.huber_c) == (100000, 25000, 0.0)
+    assert (ect.total_training_steps, ect.ect_double, ect.huber_c, ect.sigma_min) == (200000, 25000, 0.0, 0.003)
     assert ect.random_flip is False and resolved(["--training_mode", "ect", "--random_flip", "True"]).random_flip
     ict = resolved(["--training_mode", "ict", "--image_size", "32"])
     assert (ict.dropout, ict.ema_rate, ict.global_batch_size, ict.start_scales, ict.end_scales) == (
@@ -204,6 +204,40 @@ def test_ect_starts_from_an_edm_pkl_whose_flags_it_adopts(tmp_path, capsys, monk
         logger.reset()  # the in-process run configured the logger: later tests must not write to its files
     tuned = torch.load(tmp_path / "ect" / "model000001.pt", weights_only=True)
     source, _ = load_edm_pickle(pkl)
-    assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())  # lr 0: still the EDM weights
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith("map_augment.")}
+    assert tuned.keys() == kept.keys()  # the file's augment_dim 9: built without map_augment (no augmentation)
+    assert all(torch.equal(tuned[k], v) for k, v in kept.items())  # lr 0: still the EDM weights
     assert run_cli(load_script("cm_train").main, (argv + " --num_channels 64").split()) == 1
     assert "--num_channels 64 contradicts --init_from" in capsys.readouterr().err
+
+
+def test_ect_run_stores_its_sigma_min_and_a_resume_keeps_it(tmp_path, capsys, monkeypatch):
+    """σ_min (0.003 for ECT) rides in metaNNNNNN.json: a resume without --sigma_min keeps the run's, and
+    image_sample.py's resolution reads it beside an EMA file."""
+    import json
+
+    from cm.cli import run_cli
+    from cm.sample_util import create_argparser, resolve_sampling, sample_flag_defaults
+    from song_helpers import EDM, image_folder, load_script
+
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    pkl = EDM / "snapshot_ddpmpp_cond_small.pkl"
+    run = tmp_path / "ect"
+    argv = (f"--training_mode ect --init_from {pkl} --global_batch_size 2 --save_interval 1 "
+            f"--data_dir {image_folder(tmp_path / 'data', 16)} --logging_dir {run}")
+    try:
+        assert run_cli(load_script("cm_train").main, (argv + " --total_training_steps 1").split()) == 0
+        assert json.loads((run / "meta000001.json").read_text())["flags"]["sigma_min"] == 0.003  # ECT's default
+        assert run_cli(load_script("cm_train").main, (argv + " --total_training_steps 2 --sigma_min 0.0025 "
+                                                      "--resume_checkpoint auto").split()) == 0
+        assert json.loads((run / "meta000002.json").read_text())["flags"]["sigma_min"] == 0.0025  # given: taken
+        assert run_cli(load_script("cm_train").main, (argv + " --total_training_steps 3 "
+                                                      "--resume_checkpoint auto").split()) == 0, capsys.readouterr().err
+    finally:
+        logger.reset()
+    assert json.loads((run / "meta000003.json").read_text())["flags"]["sigma_min"] == 0.0025  # kept on resume
+    assert "--sigma_min 0.0025 from" in (run / "log.txt").read_text()
+    args = create_argparser(dict(sample_flag_defaults(), sigmas="", quantize="")).parse_args(
+        ["--training_mode", "ect", "--model_path", str(run / "ema_0.9999_000003.pt")])
+    resolve_sampling(args)
+    assert args.sigma_min == 0.0025

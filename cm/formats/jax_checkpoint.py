@@ -19,6 +19,7 @@ import torch
 
 from .flax_msgpack import FlaxFormatError, read_msgpack_tree
 from .jax_ncsnpp import INDEXED, SINGLE_MODULES, convert_tree, infer_config
+from .untrusted import open_regular
 
 PARAMETER_SETS = ("params_ema", "params", "target_params")
 MSGPACK_MAP_BYTES = set(range(0x81, 0x90)) | {0xDE, 0xDF}  # non-empty fixmap, map16, map32
@@ -27,9 +28,9 @@ MSGPACK_MAP_BYTES = set(range(0x81, 0x90)) | {0xDE, 0xDF}  # non-empty fixmap, m
 def is_jax_checkpoint(path):
     """Whether ``path`` looks like a Flax msgpack state (a msgpack map; torch files are zip or pickle)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # never a FIFO or device
             head = f.read(1)
-    except OSError:
+    except (OSError, ValueError):
         return False
     return len(head) == 1 and head[0] in MSGPACK_MAP_BYTES
 
@@ -39,7 +40,8 @@ def _is_parameter_tree(tree):
 
 
 def _keys(tree):
-    return ", ".join(map(str, tree)) or "none"
+    names = [str(k)[:40] for k in list(tree)[:10]]  # the message is escaped by FlaxFormatError
+    return ", ".join(names) + (f", … ({len(tree)} keys)" if len(tree) > 10 else "") or "none"
 
 
 def select_parameter_set(tree, which, path):
@@ -104,12 +106,17 @@ def model_from_flags(flags):
 
 def read_jax_checkpoint(path, which="params_ema", image_size=32, attn_resolutions=None):
     """(state_dict of torch tensors keyed like EDM's SongUNet, flags) of one parameter set in ``path``."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{path}: no such file")
     tree = read_msgpack_tree(path)
-    params, prefix = select_parameter_set(tree, which, path)
-    config = infer_config(params, prefix, image_size=image_size, attn_resolutions=attn_resolutions)
-    arrays = convert_tree(params, config, prefix)
+    try:
+        params, prefix = select_parameter_set(tree, which, path)
+        config = infer_config(params, prefix, image_size=image_size, attn_resolutions=attn_resolutions)
+        arrays = convert_tree(params, config, prefix)
+    except FlaxFormatError as e:
+        raise FlaxFormatError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, RecursionError, OverflowError) as e:
+        raise FlaxFormatError(f"{path}: not an NCSN++ parameter tree ({type(e).__name__}: {e})") from None
     state_dict = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     return state_dict, flags_from_config(config)
 

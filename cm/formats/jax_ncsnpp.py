@@ -19,19 +19,23 @@ from the tree; `ncsnpp_layout` lists, for a config, every SongUNet entry with
 its Flax sources and their shapes; `convert_tree` applies it (kernels HWIO →
 OIHW, dense (in, out) → (out, in), q/k/v 1×1 layers → one channel-major qkv
 conv, Fourier W → the ``freqs`` buffer). Every problem is a one-line
-`FlaxFormatError` naming the path inside the tree.
+`FlaxFormatError` naming the path inside the tree (names escaped and cut by
+`cm.formats.untrusted.safe_text`); counts, depth, levels and candidate layouts are bounded.
 """
 
+import math
 import re
 from itertools import combinations
 
 import numpy as np
 
 from .flax_msgpack import FlaxFormatError, decode_leaf, is_array, leaf_shape
+from .untrusted import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_LAYOUTS
 
 RESNET, ATTN, DOWN = "ResnetBlockBigGANpp", "AttnBlockpp", "Downsample"
 SINGLE_MODULES = ("GaussianFourierProjection_0", "Dense_0", "Dense_1", "Conv_0", "Conv_1", "GroupNorm_0")
-INDEXED = re.compile(rf"^({RESNET}|{ATTN}|{DOWN})_(\d+)$")
+INDEXED = re.compile(rf"^({RESNET}|{ATTN}|{DOWN})_(\d{{1,6}})$")
+MAX_LEVELS = 10  # resolution levels of a network read from a file
 FIR_KERNEL = (1, 3, 3, 1)  # the published NCSN++ resampling filter
 CIFAR_ATTN_RESOLUTION = 16  # NCSN++ CIFAR-10 configs attend at 16x16
 
@@ -50,8 +54,8 @@ def _counts(tree, prefix):
         elif name not in SINGLE_MODULES:
             raise FlaxFormatError(f"{_join(prefix, str(name))}: unknown module in an NCSN++ parameter tree")
     for cls, idx in found.items():
-        if sorted(idx) != list(range(len(idx))):
-            missing = min(set(range(max(idx) + 1)) - set(idx))
+        if sorted(idx) != list(range(len(idx))):  # the first index that breaks 0, 1, 2, ...
+            missing = next(i for i, j in enumerate(sorted(idx) + [None]) if i != j)
             raise FlaxFormatError(f"{_join(prefix, f'{cls}_{missing}')}: missing (indices must run 0..n-1)")
     for name in SINGLE_MODULES:
         if name not in tree:
@@ -127,8 +131,14 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
     """
     counts = _counts(tree, prefix)
     num_levels = counts[DOWN] + 1
-    in_channels, nf = _shape(tree, prefix, "Conv_0/kernel")[-2:]
-    out_channels = _shape(tree, prefix, "Conv_1/kernel")[-1]
+    if num_levels > MAX_LEVELS or not 1 <= image_size <= MAX_IMAGE_SIZE or image_size >> (num_levels - 1) < 1:
+        raise FlaxFormatError(f"{_join(prefix, DOWN + '_*')}: {num_levels} resolution levels at image size "
+                              f"{image_size} (at most {MAX_LEVELS} levels, image size up to {MAX_IMAGE_SIZE})")
+    conv0, conv1 = _shape(tree, prefix, "Conv_0/kernel"), _shape(tree, prefix, "Conv_1/kernel")
+    if len(conv0) != 4 or len(conv1) != 4 or 0 in conv0 or 0 in conv1:
+        raise FlaxFormatError(f"{_join(prefix, 'Conv_0/kernel')}: shapes {conv0}, {conv1} (non-empty HWIO kernels)")
+    in_channels, nf = conv0[-2:]
+    out_channels = conv1[-1]
     # residual blocks: L·nb (enc) + (L−1) down + 2 mid + L·(nb+1) dec + (L−1) up
     rest = counts[RESNET] - 2 - 2 * (num_levels - 1) - num_levels
     if rest <= 0 or rest % (2 * num_levels):
@@ -141,7 +151,7 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
     for level in range(num_levels):
         path = f"{RESNET}_{level * (num_blocks + 1)}/Conv_0/kernel"  # first encoder block of the level
         width = _shape(tree, prefix, path)[-1]
-        if width % nf:
+        if width % nf or width < nf:
             raise FlaxFormatError(f"{_join(prefix, path)}: width {width} is not a multiple of nf {nf}")
         ch_mult.append(width // nf)
     # attention blocks: nb per attended level in the encoder, 1 in the middle, 1 per level in the decoder
@@ -174,6 +184,9 @@ def infer_config(tree, prefix="", image_size=32, attn_resolutions=None):
 def _attention_from_widths(widths, num_blocks, nf, ch_mult, count, image_size, prefix):
     """Attention levels whose widths fit those of the attention blocks; ties go to the CIFAR-10 choice (16x16)."""
     num_levels = len(ch_mult)
+    if math.comb(num_levels, count) > MAX_LAYOUTS:
+        raise FlaxFormatError(f"{_join(prefix, ATTN + '_*')}: {math.comb(num_levels, count)} candidate attention "
+                              f"layouts (at most {MAX_LAYOUTS}); pass attn_resolutions")
     fits = []
     for levels in combinations(range(num_levels), count):
         want = [nf * ch_mult[lvl] for lvl in levels for _ in range(num_blocks)] + [nf * ch_mult[-1]]
@@ -294,12 +307,16 @@ def ncsnpp_layout(config):
     return out
 
 
-def _leaves(tree, prefix=""):
+def _leaves(tree, prefix="", depth=0):
     """(path, encoded array) for every leaf below ``tree``; a non-array leaf is an error."""
+    if depth > MAX_DEPTH:
+        raise FlaxFormatError(f"{prefix}: parameter tree nested over {MAX_DEPTH} deep")
     for name, value in tree.items():
-        path = _join(prefix, str(name))
+        if type(name) is not str:
+            raise FlaxFormatError(f"{_join(prefix, str(name))}: a key that is not a string")
+        path = _join(prefix, name)
         if isinstance(value, dict) and not is_array(value):
-            yield from _leaves(value, path)
+            yield from _leaves(value, path, depth + 1)
         elif is_array(value):
             yield path, value
         else:

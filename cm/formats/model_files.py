@@ -10,8 +10,10 @@ Add a format by adding its suffix and reader to `READERS`.
 import os
 
 from ..checkpoint import load_model_state, read_checkpoint, strip_wrapper_prefix
+from .. import logger
 from ..cli import UsageError
 from ..nn import widen_time_inputs
+from .untrusted import MAX_IMAGE_SIZE
 
 # flags that fix the network's structure: a file that describes itself decides them
 STRUCTURE_FLAGS = (
@@ -28,10 +30,15 @@ STRUCTURE_FLAGS = (
 SAMPLING_FLAGS = STRUCTURE_FLAGS + ("training_mode", "sigma_min")
 
 
-def _read_edm_pickle(path, image_size=None):
+def read_edm_network(path, image_size=None):
+    """(model, flags) of an EDM/ECT snapshot; an ECT consistency model (ECMPrecond) is training_mode ect
+    (its row: boundary condition at the file's σ_min, ECT's few-step sampler, rounded uint8)."""
     from .edm_pickle import load_edm_pickle
 
-    return load_edm_pickle(path)
+    model, flags = load_edm_pickle(path)
+    if flags.get("precond") == "ECMPrecond":
+        flags = dict(flags, training_mode="ect")
+    return model, flags
 
 
 def _read_jax_checkpoint(path, image_size=None):
@@ -45,7 +52,7 @@ def _read_jax_checkpoint(path, image_size=None):
         raise UsageError(str(e)) from None
 
 
-READERS = {".pkl": _read_edm_pickle}
+READERS = {".pkl": read_edm_network}
 
 
 def _reader(path):
@@ -71,9 +78,9 @@ def load_network_file(path, image_size=None):
     reader = _reader(path)
     if reader is None:
         raise UsageError(f"{path}: not a self-describing network file ({', '.join(READERS)} or a Flax checkpoint)")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UsageError(f"{path}: no such file")
-    return reader(path, image_size=image_size)
+    return reader(path, image_size=image_size)  # each reader opens regular files only
 
 
 def _normal(key, value):
@@ -112,17 +119,21 @@ def adopt_network_flags(args, flag, defaults, keys=STRUCTURE_FLAGS):
         if set_by_user and not agrees:
             raise UsageError(f"--{key} {given} contradicts --{flag} {path}, which holds {key}={flags[key]}")
         setattr(args, key, flags[key])
+    if "image_size" in flags:  # a file decides the image size: said once, bounded by the readers
+        logger.log(f"--{flag} {path}: image size {flags['image_size']} from the file (at most {MAX_IMAGE_SIZE})")
     return model, flags
 
 
-def load_network_weights(model, path, network, flag, widen_time=False):
+def load_network_weights(model, path, network, flag, leave_out=(), widen_time=False):
     """Load the ``--<flag>`` file ``path`` into ``model``.
 
     ``network`` is what `adopt_network_flags` returned for it: (model, flags) of a
     self-describing file, whose weights are taken; None for a plain checkpoint,
     which is read (missing: one line naming the flag). A state that does not fit
-    ``model`` is a one-line CheckpointError. ``widen_time``: a one-time network may
-    initialise a two-time ``model`` (`cm.nn.widen_time_inputs`: r's weights zero).
+    ``model`` is a one-line CheckpointError. Entries whose names end in one of
+    ``leave_out`` are dropped first (a layer ``model`` was built without).
+    ``widen_time``: a one-time network may initialise a two-time ``model``
+    (`cm.nn.widen_time_inputs`: r's weights zero).
     """
     if network is not None:
         state = network[0].state_dict()
@@ -131,6 +142,8 @@ def load_network_weights(model, path, network, flag, widen_time=False):
             state = read_checkpoint(path)
         except FileNotFoundError:
             raise UsageError(f"--{flag} {path}: no such file") from None
+    if leave_out:
+        state = {k: v for k, v in state.items() if not k.endswith(tuple(leave_out))}
     if widen_time and getattr(model, "time_inputs", 1) == 2 and isinstance(state, dict):
         state, _ = strip_wrapper_prefix(state, model.state_dict())
         state = widen_time_inputs(model, state)

@@ -5,6 +5,11 @@
 * ``cd_train``: one consistency-distillation step of `CMTrainLoop` (teacher
   Heun step = 2 teacher evaluations, target evaluation, student forward and
   backward, RAdam, EMA and target-EMA updates);
+* ``ect_train``: one ECT step (student forward and backward, the r-call of the
+  online network under no_grad, RAdam, EMA);
+* ``sct_train`` / ``scd_train``: one sCT / sCD step past the tangent warm-up
+  (student forward and backward, the forward-mode JVP of the student in
+  float32, for sCD one teacher evaluation, RAdam, EMA);
 * ``meanflow_train``: one MeanFlow step of `CMTrainLoop` on the same network
   with a second time input (du/dt by a forward-mode JVP pass without gradient,
   then the forward and backward of u, Adam, EMA update);

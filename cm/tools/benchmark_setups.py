@@ -94,27 +94,66 @@ def setup_cd_train(cfg, device):
     return lambda: loop.run_step(x, cond), model, [model, target, teacher]
 
 
-def setup_meanflow_train(cfg, device):
-    """One MeanFlow step of the consistency loop on the same network with a second time input."""
-    from ..meanflow import meanflow_schedule
+SCM_BENCH_OPTIONS = dict(
+    tangent_warmup_steps=0, scm_sigma_max=80.0, jvp="ad", g_norm_spatial_invariance=False,
+    divide_x_0_spatial_dim=False, prior_weighting=False, p_mean=-1.0, p_std=1.4,
+)
+
+
+def _recipe_train(
+    cfg, device, mode, distillation, ema_scale_fn, loss_options, teacher=False, head=False, **network
+):
+    """One step of a later recipe's row in `CMTrainLoop` (no EMA target); ``network``: model flags."""
+    from ..nn import attach_logvar_head
     from ..script_util import create_model_and_diffusion
     from ..train_util import CMTrainLoop
 
-    model, diffusion = create_model_and_diffusion(**_model_kwargs(cfg, dropout=cfg["edm_dropout"], time_inputs=2))
-    model.to(device)
-    _memory_format(cfg, model)
+    kwargs = _model_kwargs(cfg, distillation=distillation, loss_norm="l2", **network)
+    model, diffusion = create_model_and_diffusion(**kwargs)
+    if head:
+        attach_logvar_head(model)
+    teacher_model = teacher_diffusion = None
+    if teacher:
+        teacher_model, teacher_diffusion = create_model_and_diffusion(
+            **dict(kwargs, dropout=cfg["edm_dropout"], distillation=False)
+        )
+    networks = [m for m in (model, teacher_model) if m is not None]
+    for m in networks:
+        m.to(device)
+        _memory_format(cfg, m)
     loop = CMTrainLoop(
-        target_model=None,
-        teacher_model=None,
-        teacher_diffusion=None,
-        training_mode="meanflow",
-        ema_scale_fn=meanflow_schedule(0),
-        total_training_steps=10**9,
-        loss_options=dict(mf_times="fastgen", jvp="ad"),
+        target_model=None, teacher_model=teacher_model, teacher_diffusion=teacher_diffusion, training_mode=mode,
+        ema_scale_fn=ema_scale_fn, total_training_steps=10**9, loss_options=loss_options,
         **_train_loop_kwargs(cfg, model, diffusion),
     )
     x, cond = _inputs(cfg, device)
-    return lambda: loop.run_step(x, cond), model, [model]
+    return lambda: loop.run_step(x, cond), model, networks
+
+
+def setup_ect_train(cfg, device):
+    from ..recipes import ect_ema_and_scales_fn
+
+    return _recipe_train(cfg, device, "ect", True, ect_ema_and_scales_fn(25000), dict(ect_q=2.0, huber_c=0.0))
+
+
+def setup_sct_train(cfg, device):
+    # past the tangent warm-up (r = 1): the full loss
+    return _recipe_train(cfg, device, "sct", False, lambda step: (0.0, 1.0), SCM_BENCH_OPTIONS, head=True)
+
+
+def setup_scd_train(cfg, device):
+    return _recipe_train(cfg, device, "scd", False, lambda step: (0.0, 1.0), SCM_BENCH_OPTIONS, teacher=True,
+                         head=True)
+
+
+def setup_meanflow_train(cfg, device):
+    """One MeanFlow step on the same network with a second time input (EDM's dropout, as edm_train)."""
+    from ..meanflow import meanflow_schedule
+
+    return _recipe_train(
+        cfg, device, "meanflow", False, meanflow_schedule(0), dict(mf_times="fastgen", jvp="ad"), time_inputs=2,
+        dropout=cfg["edm_dropout"],
+    )
 
 
 def _memory_format(cfg, model):
@@ -178,6 +217,9 @@ def setup_heun_step(cfg, device):
 MEASURES = {
     "edm_train": (setup_edm_train, "EDM training step (fwd+bwd, RAdam, EMA)", 1),
     "cd_train": (setup_cd_train, "CD step (teacher Heun + target + student fwd/bwd)", 4),
+    "ect_train": (setup_ect_train, "ECT step (student fwd/bwd + no-grad r-call)", 2),
+    "sct_train": (setup_sct_train, "sCT step (student fwd/bwd + forward-mode JVP)", 2),
+    "scd_train": (setup_scd_train, "sCD step (teacher + student fwd/bwd + forward-mode JVP)", 3),
     "meanflow_train": (setup_meanflow_train, "MeanFlow step (JVP pass + fwd/bwd, Adam, EMA)", 2),
     "onestep": (setup_onestep, "one-step CM sampling", 1),
     "heun_step": (setup_heun_step, "one Heun step (EDM sampler)", 2),

@@ -1,8 +1,8 @@
 """End-to-end demo on scikit-learn's 8×8 handwritten digits, a tiny CIFAR-10 stand-in.
 
 The demo runs the whole method with the project's own scripts, on a CPU, in
-under fifteen minutes (ten without the ECT/iCT stage, which adds the CD
-stage's wall time once):
+under fifteen minutes (11.6 measured on 2 shared cores; the recipe stages,
+each with CD's training compute, run at once):
 
 1. data: the 1797 digits are split (stratified) into a training and a held-out
    part and written as RGB PNGs named like CIFAR-10 (``<class>_<index>.png``)
@@ -13,11 +13,13 @@ stage's wall time once):
    (subprocess; checkpoints and logs in ``OUT/edm``);
 4. ``scripts/cm_train.py`` distils it with consistency distillation
    (subprocess; ``OUT/cd``), starting from the teacher's EMA weights;
-4b. the later recipes, each for the CD stage's wall time (all at once, one
-   thread each, stopped by SIGTERM when the time is up: the training loop
-   finishes its step and saves): ECT tunes the teacher's EMA weights into a
-   consistency model (``OUT/ect``), iCT trains one from scratch (``OUT/ict``),
-   and so does MeanFlow, a two-time network sampled in one and two steps (``OUT/mf``);
+4b. the later recipes, each with the CD stage's training compute (counted
+   network passes, see `cm.tools.demo_recipes`: a fixed step count, the same
+   on every machine; all at once, one thread each; their wall times are
+   recorded), one row each of `cm.tools.demo_recipes.RECIPE_STAGES`: ECT and
+   sCT tune the teacher's EMA weights, sCD distils the teacher, iCT trains
+   from scratch, DMD2 (with and without its GAN head) tunes the CD model, MeanFlow
+   trains a two-time network from scratch, sampled in one and two steps;
 5. ``scripts/image_sample.py`` draws EDM-Heun, one-step CM and two-step CM
    samples of every model (ECT/iCT two-step at σ = 80, 0.821) (its ``main``
    is called in this process so that the wall time covers sampling and not
@@ -25,6 +27,11 @@ stage's wall time once):
 6. the samples are judged: classifier accuracy against the requested labels
    and the Fréchet distance between real held-out and generated digits in
    the classifier's penultimate feature space (``cm.metrics.evaluation``).
+
+While they train, stages 3-4b log the same Fréchet distance over their steps
+(``--eval_interval``, `cm.train_eval`, with the judge's feature layers saved
+as TorchScript and ``eval_num_samples`` fixed-noise samples); ``curves.png``
+draws those curves and the losses of every stage on one figure.
 
 Image size. The UNet handles the digits' native 8×8 with ``--channel_mult 1,2``
 (levels 8 and 4, attention at 4), and that is the default: on 2 CPU cores an
@@ -39,8 +46,8 @@ too, and the Fréchet reference is the held-out part as it is: the
 distribution the generative models are taught.
 
 Everything goes to one folder: PNG data, checkpoints, logs of every command,
-``samples_*.npz`` and their grids, ``comparison.png``, ``table.txt`` and
-``results.json``.
+``samples_*.npz`` and their grids, ``comparison.png`` (a row per sampler),
+``curves.png``, ``table.txt`` and ``results.json``.
 """
 
 import dataclasses
@@ -53,7 +60,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..metrics.evaluation import feature_stats
+from ..metrics.evaluation import feature_stats, save_stats
 from .benchmark import text_table
 from .demo_common import (  # noqa: F401  (judge, classify, ...: the demo's public helpers)
     NUM_CLASSES,
@@ -72,7 +79,8 @@ from .demo_common import (  # noqa: F401  (judge, classify, ...: the demo's publ
     write_image_folder,
 )
 from .demo_editing import run_editing
-from .demo_recipes import RECIPE_STAGES, stage_samplers, stage_train_argv
+from .demo_recipes import RECIPE_STAGES, budget_steps, cd_budget, stage_samplers, stage_train_argv
+from .progress_plot import write_progress_plot
 
 # ----------------------------------------------------------------------------
 # Configuration
@@ -102,27 +110,33 @@ class DemoConfig:
     start_scales: int = 18
     start_ema: float = 0.95
     loss_norm: str = "l2"
-    # ECT (tuned from the teacher) and iCT (from scratch): the CD stage's wall time each
-    recipe_budget_s: float = 0.0  # 0: the CD stage's wall time; < 0: no time limit (run the steps)
-    ect_steps: int = 100000  # an upper bound: the time budget stops it first
+    # every recipe stage (cm/tools/demo_recipes.py) gets the CD stage's training compute in counted passes
+    recipe_steps: int = 0  # 0: from that budget (ECT, iCT 1200; DMD2 200, with GAN 84; sCT and MeanFlow 960, sCD 800); > 0: this many
+    # ECT (tuned from the teacher) and iCT (from scratch)
     ect_lr: float = 2e-4
-    ect_double: int = 350  # stage 2 from step 700 of the ~850-1000 the budget allows (ECT: 4 stages in 100k steps)
+    ect_double: int = 400  # three whole stages in the budget's 1200 steps (ECT: 8 stages in 200k steps)
     ect_dropout: float = 0.2  # ECT's CIFAR-10 value; the teacher trained without
     ect_huber_c: float = 0.1  # pseudo-Huber c (ECT's CIFAR-10 run: 0)
-    ect_p_mean: float = -0.2  # mean of ln t (ECT: -1.1): more of the ~1000 steps at the noise levels one step starts from
-    ict_steps: int = 2000  # K of iCT's N(k) doubling schedule; the time budget may stop it first
+    ect_p_mean: float = -0.2  # mean of ln t (ECT: -1.1): more of the 1200 steps at the noise levels one step starts from
     ict_lr: float = 1e-3
     # DMD2 (cm/dmd2.py) tuning the CD model, the teacher as the real score, with and without the GAN head
-    dmd2_steps: int = 100000  # an upper bound: the time budget stops it first
     dmd2_lr: float = 5e-5  # generator and fake score; untuned (DMD2 on CIFAR-10: 2e-6, the demo CD: 2e-4)
     dmd2_ratio: int = 5  # fake-score updates per generator update
     dmd2_warmup: int = 50  # lr warm-up iterations (DMD2: 500)
     dmd2_gan_max_step: int = 20  # diffusion-GAN noise levels: the lower 20 of the 40-point grid
-    mf_steps: int = 100000  # MeanFlow from scratch: an upper bound, the time budget stops it first
     mf_lr: float = 6e-4  # Adam (the row's optimiser), the paper's CIFAR-10 value
     recipe_batch_size: int = 32
     recipe_ema_rate: float = 0.99
     two_step_sigmas: str = "80,0.821"
+    # sCT and sCD (the same counted budget): the paper's two-step t_mid 1.1 is σ = 0.5·tan 1.1 = 0.982
+    scm_lr: float = 2e-4
+    scm_warmup_steps: int = 100  # sCM's 10k of ~400k steps; the demo's runs are a few hundred steps
+    sct_dropout: float = 0.2  # sCT's CIFAR-10 value (sCD: 0)
+    scm_two_step_sigmas: str = "80,0.982"
+    # Fréchet distance during training (cm.train_eval with the judge's features), every this many steps
+    edm_eval_interval: int = 250
+    cm_eval_interval: int = 100  # CD and the recipe stages (one and two steps: cheap)
+    eval_num_samples: int = 500
     # sampling and evaluation
     num_samples: int = 2000  # per row; 500 left the Fréchet distance ±0.5 from seed to seed
     sample_batch_size: int = 500
@@ -156,14 +170,9 @@ def quick_config():
         cd_steps=4,
         cd_batch_size=8,
         start_scales=8,
-        recipe_budget_s=-1.0,
-        ect_steps=3,
         ect_double=1,
-        ict_steps=3,
-        dmd2_steps=2,
         dmd2_ratio=2,
         dmd2_warmup=0,
-        mf_steps=3,
         recipe_batch_size=8,
         num_samples=20,
         sample_batch_size=20,
@@ -171,6 +180,9 @@ def quick_config():
         classifier_epochs=1,
         log_interval=2,
         edit_images=20,
+        edm_eval_interval=3,
+        cm_eval_interval=2,
+        eval_num_samples=20,
     )
 
 
@@ -216,6 +228,23 @@ def cm_train_argv(cfg, data_dir, log_dir, teacher_path):
     ]
 
 
+JUDGE_FEATURES, JUDGE_STATS = "judge_features.pt", "heldout_stats.npz"
+
+
+def eval_argv(cfg, out, interval):
+    """The training scripts' evaluation flags: the judge's features (TorchScript) against the held-out digits."""
+    if interval <= 0:
+        return []
+    return [
+        f"--eval_interval={interval}",
+        f"--eval_num_samples={cfg.eval_num_samples}",
+        f"--eval_batch_size={cfg.sample_batch_size}",
+        f"--eval_steps={cfg.heun_steps}",
+        f"--eval_ref={os.path.join(out, JUDGE_STATS)}",
+        f"--eval_features={os.path.join(out, JUDGE_FEATURES)}",
+    ]
+
+
 def samplers(cfg):
     """(name, label, network evaluations, training mode, sampler flags) of the compared samplers."""
     return [
@@ -244,6 +273,7 @@ def sample_argv(cfg, model_path, log_dir, training_mode, sampler_flags):
         f"--batch_size={cfg.sample_batch_size}",
         "--class_labels=" + ",".join(str(c) for c in range(NUM_CLASSES)),
         f"--seed={cfg.seed}",
+        "--quantize=round",  # every row judged on the same uint8 conversion (truncation darkens by half a level)
     ]
 
 
@@ -302,6 +332,10 @@ def train_judge(out, cfg, train_imgs, y_train, held_imgs, y_held, progress):
     torch.save(clf.state_dict(), os.path.join(out, "classifier.pt"))
     ref_feats, ref_preds = classify(clf, held_imgs)
     ref_stats = feature_stats(ref_feats)
+    # the training runs' in-loop judge: its feature layers as TorchScript, the held-out statistics
+    example = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
+    torch.jit.save(torch.jit.trace(clf.body.eval(), example), os.path.join(out, JUDGE_FEATURES))
+    save_stats(os.path.join(out, JUDGE_STATS), *ref_stats)
     rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(len(train_imgs), size=min(cfg.num_samples, len(train_imgs)), replace=False)
     real = train_imgs[pick]
@@ -322,7 +356,7 @@ def train_judge(out, cfg, train_imgs, y_train, held_imgs, y_held, progress):
 def train_base_models(out, cfg, data_dir, logs, commands, timings, progress):
     """Stages 3-4: the EDM teacher and its CD student; returns their EMA files."""
     edm_dir = os.path.join(out, "edm")
-    argv = edm_train_argv(cfg, data_dir, edm_dir)
+    argv = edm_train_argv(cfg, data_dir, edm_dir) + eval_argv(cfg, out, cfg.edm_eval_interval)
     commands["edm_train"] = ["python", "scripts/edm_train.py", *argv]
     timings["edm_train"] = run_training("EDM teacher", "edm_train.py", argv, os.path.join(logs, "edm_train.log"),
                                         cfg.edm_steps, progress)
@@ -331,7 +365,7 @@ def train_base_models(out, cfg, data_dir, logs, commands, timings, progress):
         raise DemoError(f"edm_train.py finished without writing {teacher}")
 
     cd_dir = os.path.join(out, "cd")
-    argv = cm_train_argv(cfg, data_dir, cd_dir, teacher)
+    argv = cm_train_argv(cfg, data_dir, cd_dir, teacher) + eval_argv(cfg, out, cfg.cm_eval_interval)
     commands["cm_train"] = ["python", "scripts/cm_train.py", *argv]
     timings["cm_train"] = run_training("consistency distillation", "cm_train.py", argv,
                                        os.path.join(logs, "cm_train.log"), cfg.cd_steps, progress)
@@ -342,21 +376,21 @@ def train_base_models(out, cfg, data_dir, logs, commands, timings, progress):
 
 
 def train_recipes(out, cfg, data_dir, starts, logs, commands, timings):
-    """Stage 4b: every recipe stage at once, one thread each, for the CD stage's wall time.
+    """Stage 4b: every recipe stage at once, one thread each, each with the CD stage's compute.
 
     ``starts`` maps a stage's start ("teacher", "student") to its file.
     Returns ({stage key: EMA file}, {stage key: steps reached}).
     """
-    budget = None if cfg.recipe_budget_s < 0 else (cfg.recipe_budget_s or timings["cm_train"])
     jobs = []
     for stage in RECIPE_STAGES:
         argv = stage_train_argv(stage, cfg, data_dir, os.path.join(out, stage.key), starts.get(stage.start),
                                 starts.get("teacher"))
+        argv += eval_argv(cfg, out, cfg.cm_eval_interval)
         commands[f"{stage.key}_train"] = ["python", "scripts/cm_train.py", *argv]
         jobs.append((stage.key, "cm_train.py", argv, os.path.join(logs, f"{stage.key}_train.log")))
-    names = " and ".join(stage.label for stage in RECIPE_STAGES)
-    tqdm.write(f"{names}: {'until their steps are done' if budget is None else f'{budget:.0f} s each'}")
-    for key, seconds in run_budgeted(jobs, budget).items():
+    tqdm.write(f"recipes at CD's training compute ({cd_budget(cfg)} forward-pass equivalents): " + ", ".join(
+        f"{stage.label} {budget_steps(stage, cfg)} steps" for stage in RECIPE_STAGES))
+    for key, seconds in run_budgeted(jobs, None).items():
         timings[f"{key}_train"] = seconds
     files, steps = {}, {}
     for stage in RECIPE_STAGES:
@@ -413,9 +447,11 @@ def run_demo(out, cfg, progress=True):
     edits, edit_files = run_editing(out, cfg, student, clf, held_imgs, y_held, ref_stats, logs, commands, timings)
 
     grid_path = os.path.join(out, "comparison.png")
-    titles = [f"{r['label']}: {r['nfe']} NFE" for r in rows if r["name"] != "real"]
+    # PIL's default font has no Greek letters
+    titles = [f"{r['label']}: {r['nfe']} NFE".replace("σ", "sigma") for r in rows if r["name"] != "real"]
     scale = max(1, 32 // cfg.image_size)
     Image.fromarray(comparison_grid(panels, scale=scale, titles=titles)).save(grid_path)
+    curves = write_curves(out, cfg)
     table = format_table(rows + edits)
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write(table + "\n")
@@ -426,7 +462,7 @@ def run_demo(out, cfg, progress=True):
         editing=edits,
         timings_s=timings,
         commands=commands,
-        files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt",
+        files=dict(samples=files, editing=edit_files, comparison="comparison.png", table="table.txt", curves=curves,
                    classifier="classifier.pt", teacher=os.path.relpath(teacher, out),
                    student=os.path.relpath(student, out),
                    **{key: os.path.relpath(path, out) for key, path in recipe_files.items()}),
@@ -437,6 +473,27 @@ def run_demo(out, cfg, progress=True):
         json.dump(results, f, indent=2)
     print_summary(out, cfg, table, timings, recipe_steps, len(train_imgs), len(held_imgs))
     return results
+
+
+CURVES = "curves.png"
+
+
+def write_curves(out, cfg):
+    """``curves.png``: each stage's Fréchet distance (and loss) over its steps; its name (None without matplotlib)."""
+    runs = [("EDM teacher", "edm"), ("CD", "cd")] + [(stage.label, stage.key) for stage in RECIPE_STAGES]
+    try:
+        write_progress_plot(
+            [os.path.join(out, key) for _, key in runs],
+            os.path.join(out, CURVES),
+            names=[name for name, _ in runs],
+            only=("fid", "loss"),
+            fid_title=f"Fréchet distance to the held-out digits during training ({cfg.eval_num_samples} samples)",
+            fid_label="Fréchet distance (judge features)",
+        )
+    except ValueError as e:  # matplotlib missing: the rest of the demo stands
+        tqdm.write(f"{CURVES} not written: {e}")
+        return None
+    return CURVES
 
 
 def print_summary(out, cfg, table, timings, recipe_steps, n_train, n_held):
@@ -450,4 +507,4 @@ def print_summary(out, cfg, table, timings, recipe_steps, n_train, n_held):
         f"{k} {v:.0f} s" for k, v in timings.items() if k != "total") + ")")
     print("recipes reached steps " + ", ".join(f"{m} {n}" for m, n in recipe_steps.items()) + " in "
           + ", ".join(f"{timings[m + '_train']:.0f} s" for m in recipe_steps) + f" (CD: {cfg.cd_steps} steps)")
-    print(f"everything is in {out} (table.txt, results.json, comparison.png, samples/, logs/)")
+    print(f"everything is in {out} (table.txt, results.json, comparison.png, {CURVES}, samples/, logs/)")

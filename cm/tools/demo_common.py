@@ -316,12 +316,22 @@ def latest_ema(log_dir, rate):
     return path, step
 
 
-def comparison_grid(named_images, per_class=4, scale=2, gap=6, line=1, titles=None):
-    """One RGB array: a panel per sampler, one column per class, ``per_class`` rows.
+def _font(size):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def comparison_grid(named_images, per_class=2, scale=2, gap=6, line=1, titles=None, font_size=13):
+    """One RGB array: one row per sampler, one column per class, ``per_class`` samples of each class.
 
     ``named_images`` is [(uint8 NHWC images, labels)]. Cells are ``line`` px
-    apart on a grey ground; panels ``gap`` px apart on white; ``titles`` (one
-    per panel) are written in a white strip above the panels.
+    apart on a grey ground; rows ``gap`` px apart on white. With ``titles``
+    (one per row) each row's title stands at its left and the class ids head
+    the columns, so the figure reads at README width.
     """
     panels = []
     for images, labels in named_images:
@@ -331,17 +341,26 @@ def comparison_grid(named_images, per_class=4, scale=2, gap=6, line=1, titles=No
         for c in range(NUM_CLASSES):
             for r, i in enumerate(np.flatnonzero(np.asarray(labels) == c)[:per_class]):
                 panel[line + r * ph : line + r * ph + h, line + c * pw : line + c * pw + w] = images[i]
-        panels.append(panel)
-    sep = np.full((panels[0].shape[0], gap, 3), 255, dtype=np.uint8)
-    grid = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
+        panels.append(panel.repeat(scale, 0).repeat(scale, 1))
+    sep = np.full((gap, panels[0].shape[1], 3), 255, dtype=np.uint8)
+    grid = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=0)
     if not titles:
         return grid
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
-    strip = Image.new("RGB", (grid.shape[1], 16), "white")
-    draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default()
-    for k, title in enumerate(titles):
-        draw.text((k * (panels[0].shape[1] + gap) * scale + 2, 2), title, fill="black", font=font)
-    return np.concatenate([np.asarray(strip), grid], axis=0)
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max(measure.textlength(t, font=font) for t in titles)) + 12
+    header_h = font_size + 8
+    canvas = Image.new("RGB", (label_w + grid.shape[1], header_h + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (label_w, header_h))
+    draw = ImageDraw.Draw(canvas)
+    cell_w = (panels[0].shape[1] - line * scale) / NUM_CLASSES
+    for c in range(NUM_CLASSES):
+        x = label_w + line * scale + (c + 0.5) * cell_w
+        draw.text((x, header_h / 2), str(c), fill="black", font=font, anchor="mm")
+    y = header_h
+    for title, panel in zip(titles, panels):
+        draw.text((label_w - 8, y + panel.shape[0] / 2), title, fill="black", font=font, anchor="rm")
+        y += panel.shape[0] + gap
+    return np.asarray(canvas)
