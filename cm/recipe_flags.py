@@ -73,7 +73,7 @@ FLAG_CHECKS = {
     "p_std": (lambda v: v > 0, "must be positive"),
     "huber_c": (lambda v: v >= 0, "must be non-negative"),
     "tangent_warmup_steps": (lambda v: v >= 0, "must be a non-negative number of steps"),
-    "jvp": (lambda v: v in JVP_METHODS, "must be one of " + ", ".join(JVP_METHODS)),
+    "jvp": (lambda v: v in JVP_METHODS, "must be " + " or ".join(JVP_METHODS)),
 }
 for _row in RECIPES.values():
     FLAG_CHECKS.update(_row.flag_checks)

@@ -94,7 +94,7 @@ def test_a_one_time_checkpoint_initialises_the_two_time_network(data_dir, tmp_pa
     "extra,msg",
     [
         (["--time_inputs", "1"], "--training_mode meanflow needs --time_inputs 2"),
-        (["--jvp", "xx"], "--jvp must be one of ad, fd"),
+        (["--jvp", "xx"], "--jvp must be ad or fd"),
         (["--training_mode", "ect", "--init_from", "none", "--mf_times", "paper"], "--mf_times is for --training_mode"),
         (["--training_mode", "ict", "--time_inputs", "2"], "--training_mode ict needs --time_inputs 1"),
         (["--tangent_warmup_steps", "-1"], "--tangent_warmup_steps must be"),

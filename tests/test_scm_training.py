@@ -150,7 +150,7 @@ BAD = {
     "scd_without_teacher": ("--training_mode scd", "--training_mode scd needs --teacher_model_path"),
     "bad_jvp": ("--training_mode sct --init_from none --jvp forward", "--jvp must be ad or fd"),
     "sigma_max": ("--training_mode sct --init_from none --scm_sigma_max 0.001", "--scm_sigma_max must be larger"),
-    "scm_flag_elsewhere": ("--training_mode ect --init_from none --jvp fd", "--jvp is for --training_mode sct or scd"),
+    "scm_flag_elsewhere": ("--training_mode ect --init_from none --jvp fd", "--jvp is for --training_mode meanflow or sct or scd"),
 }
 
 
