@@ -339,6 +339,34 @@ def ddp_no_buffer_broadcast():
     return {"broadcast_buffers": False}
 
 
+# Debug switch: with several processes, train WITHOUT DistributedDataParallel
+# (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
+NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
+
+
+def wrap_ddp(model, log=print):
+    """``model`` under DistributedDataParallel in a process group (else as it is), buffers not broadcast.
+
+    ``CM_NO_GRAD_SYNC`` set: the model as it is, with a warning through ``log``.
+    """
+    if not in_process_group():
+        return model
+    if os.environ.get(NO_GRAD_SYNC_ENV):
+        log(f"WARNING: {NO_GRAD_SYNC_ENV} is set: gradients are NOT synchronised across processes")
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = dev().type == "cuda"
+    return DistributedDataParallel(
+        model,
+        device_ids=[dev()] if cuda else None,
+        output_device=dev() if cuda else None,
+        bucket_cap_mb=128,
+        find_unused_parameters=False,
+        **ddp_no_buffer_broadcast(),
+    )
+
+
 def barrier():
     """Wait for every rank (no-op in a single process)."""
     if not is_distributed():

@@ -86,6 +86,20 @@ class BadStepGuard:
         """Record a finite step."""
         self.in_a_row = 0
 
+    def check(self, params, step, last_checkpoint, log):
+        """True when a gradient of ``params`` is not finite: step ``step`` is to be skipped (`bad`).
+
+        ``log``: `cm.logger` (the skip's line, ``bad_steps``).
+        """
+        if grads_finite(params):
+            self.good()
+            log.logkv("bad_steps", self.total)
+            return False
+        log.log(f"step {step}: loss or gradients not finite; step skipped")
+        log.logkv("bad_steps", self.total + 1)
+        self.bad(step, last_checkpoint)
+        return True
+
     def bad(self, step, last_checkpoint):
         """Record a skipped step ``step``; raise TrainingStopped when the limit is reached."""
         self.total += 1

@@ -11,7 +11,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .schedules import get_sigmas_karras
+
 SCHEDULE_SAMPLERS = ("uniform", "lognormal", "loss-second-moment")
+
+
+def draw_sigmas(sampler, diffusion, n, device):
+    """(σ, importance weights, grid indices or None) for n samples of ``sampler``.
+
+    An index sampler's indices are mapped onto the denoiser's ``num_timesteps``-point Karras grid.
+    """
+    if isinstance(sampler, ScheduleSampler):
+        indices, weights = sampler.sample(n, device)
+        d = diffusion
+        return get_sigmas_karras(d.num_timesteps, d.sigma_min, d.sigma_max, d.rho, device=device)[indices], weights, indices
+    sigmas, weights = sampler.sample(n, device)
+    return sigmas, weights, None
 
 
 def create_named_schedule_sampler(name, diffusion):

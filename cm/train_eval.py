@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import dist_util
+from . import dist_util, logger
 from .cli import UsageError
 from .metrics.evaluation import (
     EvaluationError,
@@ -339,6 +339,16 @@ class TrainingEvaluator:
         if dist_util.get_rank() == 0:
             save_grid_png(path, images, count=self.grid_samples)
         return path
+
+
+def log_evaluation(evaluator, step, ema_states):
+    """``evaluator.evaluate`` at ``step``: its metrics logged with the step's values, a line with the FIDs."""
+    metrics = evaluator.evaluate(step, ema_states)
+    for key, value in metrics.items():
+        logger.logkv(key, value)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("fid_"))
+    logger.log(f"evaluation after {step} steps: {shown} ({metrics['eval_seconds']:.1f} s)")
+    return metrics
 
 
 def grid_filename(step):

@@ -48,34 +48,19 @@ from . import dist_util, faults, logger, recipes, run_metadata
 from .checkpoint import load_model_state
 from .checkpoint_set import CheckpointSet, float_copies
 from .cli import on_all_ranks, parse_ema_rates  # noqa: F401  (parse_ema_rates: re-exported)
+from .loss_logging import log_loss_dict, log_recipe_losses
 from .fp16_util import MixedPrecisionTrainer, master_params_to_model_params, master_params_to_state_dict
 from .nn import LOGVAR_HEAD, has_logvar_head, update_ema
 from .precision import resolve_precision, wrap as precision_wrap
 from .random_util import SEED_STEP, derived_seed, seed_all  # noqa: F401  (derived_seed, seed_all: re-exported)
 from .recipes import CM_TRAINING_MODES  # noqa: F401  (re-exported)
-from .resample import LogNormalSampler, LossAwareSampler, ScheduleSampler
-from .schedules import get_sigmas_karras, noise_bins  # noqa: F401  (noise_bins: re-exported)
+from .resample import LogNormalSampler, LossAwareSampler, draw_sigmas
+from .schedules import noise_bins  # noqa: F401  (re-exported)
 from .step_data import StepBatches  # noqa: F401  (re-exported: tests import it from here)
-from .train_eval import grid_filename
+from .train_eval import grid_filename, log_evaluation
 from .train_script import per_rank_batch_size  # noqa: F401  (re-exported)
 
-# Debug switch: with several processes, train WITHOUT DistributedDataParallel
-# (no gradient all-reduce), so a test can tell synced ranks from unsynced ones.
-NO_GRAD_SYNC_ENV = "CM_NO_GRAD_SYNC"
-
-
-# ----------------------------------------------------------------------------
-# Small pure helpers
-
-
-def log_loss_dict(diffusion, sigmas, losses):
-    """Log the batch mean of every loss term and its mean per noise bin (``_q0``..``_q3``)."""
-    bins = noise_bins(sigmas, diffusion.sigma_min, diffusion.sigma_max, diffusion.rho).cpu().numpy()
-    for key, values in losses.items():
-        values = values.detach().float().cpu().numpy()
-        logger.logkv_mean(key, values.mean())
-        for b, v in zip(bins, values):
-            logger.logkv_mean(f"{key}_q{b}", v)
+NO_GRAD_SYNC_ENV = dist_util.NO_GRAD_SYNC_ENV  # the debug switch (no gradient all-reduce), re-exported
 
 
 # ----------------------------------------------------------------------------
@@ -181,20 +166,7 @@ class TrainLoop(CheckpointSet):
         self.student = self._net(self.ddp_model)
 
     def _wrap_model(self):
-        if not dist_util.in_process_group():
-            return self.model
-        if os.environ.get(NO_GRAD_SYNC_ENV):
-            logger.log(f"WARNING: {NO_GRAD_SYNC_ENV} is set: gradients are NOT synchronised across processes")
-            return self.model
-        cuda = dist_util.dev().type == "cuda"
-        return DDP(
-            self.model,
-            device_ids=[dist_util.dev()] if cuda else None,
-            output_device=dist_util.dev() if cuda else None,
-            bucket_cap_mb=128,
-            **dist_util.ddp_no_buffer_broadcast(),
-            find_unused_parameters=False,
-        )
+        return dist_util.wrap_ddp(self.model, log=logger.log)
 
     # --- the loop -----------------------------------------------------------
     def finished(self):
@@ -244,13 +216,8 @@ class TrainLoop(CheckpointSet):
 
     def evaluate(self):
         """The evaluator's FID of the EMA network(s) now, logged with this step's values."""
-        metrics = self.evaluator.evaluate(self.step, self._ema_states())
-        for key, value in metrics.items():
-            logger.logkv(key, value)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("fid_"))
-        logger.log(f"evaluation after {self.step} steps: {shown} ({metrics['eval_seconds']:.1f} s)")
         self._evaluated_step = self.step
-        return metrics
+        return log_evaluation(self.evaluator, self.step, self._ema_states())
 
     def _seed_step(self):
         if self.seed is not None:
@@ -307,15 +274,10 @@ class TrainLoop(CheckpointSet):
         """
         if self.mp_trainer.loss_scaling:
             return False
-        if faults.grads_finite(self.mp_trainer.master_params):
-            self.bad_steps.good()
-            logger.logkv("bad_steps", self.bad_steps.total)
-            return False
-        self.mp_trainer.zero_grad()
-        logger.log(f"step {self.step}: loss or gradients not finite; step skipped")
-        logger.logkv("bad_steps", self.bad_steps.total + 1)
-        self.bad_steps.bad(self.step, self._last_checkpoint)
-        return True
+        bad = self.bad_steps.check(self.mp_trainer.master_params, self.step, self._last_checkpoint, logger)
+        if bad:
+            self.mp_trainer.zero_grad()
+        return bad
 
     def _start_batch(self, batch, cond):
         """Zero the gradients; the batch and its conditioning on this process's device."""
@@ -340,14 +302,8 @@ class TrainLoop(CheckpointSet):
         return contextlib.nullcontext()
 
     def _sample_sigmas(self, n, device):
-        """(σ, importance weights, grid indices or None) for n samples."""
-        if isinstance(self.schedule_sampler, ScheduleSampler):
-            indices, weights = self.schedule_sampler.sample(n, device)
-            d = self.diffusion
-            grid = get_sigmas_karras(d.num_timesteps, d.sigma_min, d.sigma_max, d.rho, device=device)
-            return grid[indices], weights, indices
-        sigmas, weights = self.schedule_sampler.sample(n, device)
-        return sigmas, weights, None
+        """(σ, importance weights, grid indices or None) for n samples (`cm.resample.draw_sigmas`)."""
+        return draw_sigmas(self.schedule_sampler, self.diffusion, n, device)
 
     def forward_backward(self, batch, cond):
         batch, cond = self._start_batch(batch, cond)
@@ -557,13 +513,7 @@ class CMTrainLoop(TrainLoop):
             with self._sync_context(last):
                 losses = self.recipe.loss(self.diffusion, self.nets, batch[part], level, micro_cond, self.loss_options)
                 self._backward(losses["loss"].sum() / n)
-            log_loss_dict(self.diffusion, losses["sigmas"], {"loss": losses["loss"]})
-            for key in self.recipe.monitors:
-                logger.logkv_mean(key, losses[key].detach().float().mean().item())
-            if "r" in losses:  # a pair of levels (t, r) per sample
-                logger.logkv_mean("t_mean", losses["sigmas"].mean().item())
-                logger.logkv_mean("r_over_t", (losses["r"] / losses["sigmas"]).mean().item())
-                logger.logkv_mean("r_zero", (losses["r"] == 0).float().mean().item())
+            log_recipe_losses(self.diffusion, losses, self.recipe.monitors)
         if self.recipe.grad_clip_option:
             self._clip_gradients()
         logger.logkv(self.recipe.level_name, level)
