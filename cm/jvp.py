@@ -23,6 +23,7 @@ import torch
 
 from .cli import UsageError
 from .losses import _fork_rng_state, _restore_rng_state
+from .jvp_rules import forward_rules
 from .nn import explicit_attention
 
 JVP_METHODS = ("ad", "fd")
@@ -88,7 +89,7 @@ def jvp(fn, primals, tangents, module=None, rng=None, device="cpu"):
     has no forward-mode rule). ``rng``: dropout RNG state to run under (`fork_rng`).
     """
     primals, tangents = tuple(primals), tuple(tangents)
-    with torch.no_grad(), explicit_attention():
+    with torch.no_grad(), explicit_attention(), forward_rules():
         _restore(rng, device)
         try:
             return torch.func.jvp(fn, primals, tangents)
