@@ -23,7 +23,7 @@ import torch
 
 from .cli import UsageError
 from .losses import _fork_rng_state, _restore_rng_state
-from .jvp_rules import forward_rules
+from .jvp_rules import forward_jvp
 from .nn import explicit_attention
 
 JVP_METHODS = ("ad", "fd")
@@ -89,16 +89,16 @@ def jvp(fn, primals, tangents, module=None, rng=None, device="cpu"):
     has no forward-mode rule). ``rng``: dropout RNG state to run under (`fork_rng`).
     """
     primals, tangents = tuple(primals), tuple(tangents)
-    with torch.no_grad(), explicit_attention(), forward_rules():
+    with torch.no_grad(), explicit_attention():
         _restore(rng, device)
         try:
-            return torch.func.jvp(fn, primals, tangents)
+            return forward_jvp(fn, primals, tangents)
         except (RuntimeError, NotImplementedError) as exc:
             if module is None:
                 raise
             reason = _first_line(exc)
             _restore(rng, device)
-            found = _failing_layer(module, lambda: torch.func.jvp(fn, primals, tangents))
+            found = _failing_layer(module, lambda: forward_jvp(fn, primals, tangents))
             where = f"layer {found[0]} ({found[1]})" if found else "the network"
             raise ForwardADError(
                 f"--jvp ad: {where} cannot take forward-mode AD ({reason}); --jvp fd works without it"
