@@ -452,7 +452,7 @@ _SCM_FLAG_DEFAULTS = dict(
 _SCM_FLAG_HELP = {
     "tangent_warmup_steps": "sct/scd: the tangent warm-up r = min(1, step/this) (0: none)",
     "scm_sigma_max": "sct/scd: the training σ's log-normal is truncated to [0.002, this] (presets: sCT 800, sCD 80)",
-    "jvp": "sct/scd: the tangent of the network: ad (forward-mode AD, torch.func.jvp) or fd (central finite "
+    "jvp": "sct/scd: the tangent of the network: ad (forward-mode AD, cm/jvp.py) or fd (central finite "
     "differences, for networks or settings without forward-mode AD)",
     "g_norm_spatial_invariance": "sct/scd (FastGen's default, not the paper's): normalise g by ‖g‖/√D + 0.1",
     "divide_x_0_spatial_dim": "sct/scd (FastGen's default, not the paper's): divide the loss by D once more",
