@@ -107,7 +107,7 @@ def _elementwise(func, args, kwargs):
         return None
     a, b = args
     da, db = _tangent(a), _tangent(b)
-    if (da is None) == (db is None):
+    if not isinstance(a, torch.Tensor) or (da is None) == (db is None):
         return None
     pa, pb = _primal(a), _primal(b)
     out = func(pa, pb)
@@ -117,8 +117,8 @@ def _elementwise(func, args, kwargs):
         if da is None:
             return None
         tangent = da / pb
-    else:
-        tangent = da if da is not None else (db if func in (torch.Tensor.add, torch.add) else -db)
+    else:  # add/sub: the dual operand's tangent, copied (an in-place op on the output must not change it)
+        tangent = da.clone() if da is not None else (db.clone() if func in (torch.Tensor.add, torch.add) else -db)
     if tangent.shape != out.shape:
         return None
     return fwAD.make_dual(out, tangent.to(out.dtype))

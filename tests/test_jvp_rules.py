@@ -136,3 +136,29 @@ def test_outputs_independent_of_the_input_get_a_zero_tangent_and_pytrees_pass():
         (a, (b, c)), (da, (db, dc)) = forward_jvp(lambda t: (t * 2, (torch.ones(2, dtype=F64), t.exp())), (x,), (x,))
     assert torch.equal(db, torch.zeros(2, dtype=F64)) and torch.equal(da, 2 * x)
     assert torch.allclose(dc, x.exp() * x)
+
+
+def test_an_in_place_op_on_a_rules_output_leaves_the_inputs_tangent():
+    x, v = torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
+
+    def fn(a):
+        y = a + 1
+        y.mul_(3)  # forward AD updates y's tangent in place
+        return a * 1.0, y
+
+    (_, (da, dy)), ref = _ours(fn, x, v), _torch_jvp(fn, x, v)
+    assert torch.equal(da, ref[1][0]) and torch.equal(dy, ref[1][1])
+
+
+def test_channels_last_inputs_give_the_contiguous_answer():
+    """(torch's own GroupNorm rule cannot take a channels-last tangent at all.)"""
+    torch.manual_seed(3)
+    norm, conv = nn.GroupNorm(4, 8).double(), nn.Conv2d(8, 8, 3, padding=1).double()
+
+    def fn(a):
+        return conv(norm(a)) + 1
+
+    x, v = torch.randn(2, 8, 5, 5, dtype=F64), torch.randn(2, 8, 5, 5, dtype=F64)
+    ref = _torch_jvp(fn, x, v)
+    out, tangent = _ours(fn, x.to(memory_format=torch.channels_last), v.to(memory_format=torch.channels_last))
+    assert torch.allclose(out, ref[0], rtol=0, atol=1e-13) and torch.allclose(tangent, ref[1], rtol=0, atol=1e-13)
