@@ -135,7 +135,7 @@ class _ForwardRules(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rule = _RULES.get(func)
-        out = None if rule is None or torch.is_grad_enabled() else rule(func, args, kwargs)
+        out = None if rule is None or not args or torch.is_grad_enabled() else rule(func, args, kwargs)
         return func(*args, **kwargs) if out is None else out
 
 
