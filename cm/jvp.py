@@ -1,4 +1,4 @@
-"""Tangents of network calls: forward-mode AD (`torch.func.jvp`) or central differences.
+"""Tangents of network calls: forward-mode AD (`torch.autograd.forward_ad`) or central differences.
 
 The continuous-time recipes need the directional derivative of the network
 along the probability-flow trajectory: sCM's J = cos t̂ sin t̂·dF/dt̂ (Lu & Song
@@ -10,10 +10,12 @@ along the probability-flow trajectory: sCM's J = cos t̂ sin t̂·dF/dt̂ (Lu & 
   ``rng = fork_rng(device)`` just before that pass and hands it in, and the
   RNG is restored to it before each network call made here (as
   `cm.losses.consistency_loss` does for its target);
-* ``method="ad"``: `torch.func.jvp` with attention computed by explicit
-  products (`cm.nn.explicit_attention`: torch's fused CPU attention has no
-  forward-mode rule). A layer that cannot take forward-mode AD is a one-line
-  `ForwardADError` naming it;
+* ``method="ad"``: forward-mode AD (`cm.jvp_rules.forward_jvp`: torch's rules,
+  with closed-form ones for convolutions, linear layers, GroupNorm and
+  arithmetic with a constant, which cost about two forwards) and attention
+  computed by explicit products (`cm.nn.explicit_attention`: torch's fused CPU
+  attention has no forward-mode rule). A layer that cannot take forward-mode
+  AD is a one-line `ForwardADError` naming it;
 * ``method="fd"``: the central difference (f(path(t + ε)) − f(path(t − ε)))/(2ε)
   along a caller-given path, differenced in float64, for settings where
   forward-mode AD cannot run (flash attention kernels, FSDP).
@@ -23,10 +25,11 @@ import torch
 
 from .cli import UsageError
 from .losses import _fork_rng_state, _restore_rng_state
+from .jvp_rules import forward_jvp
 from .nn import explicit_attention
 
 JVP_METHODS = ("ad", "fd")
-JVP_HELP = "tangent of the network: ad (forward-mode AD, torch.func.jvp) or fd (central finite differences)"
+JVP_HELP = "tangent of the network: ad (forward-mode AD) or fd (central finite differences)"
 
 
 class ForwardADError(UsageError):
@@ -91,13 +94,13 @@ def jvp(fn, primals, tangents, module=None, rng=None, device="cpu"):
     with torch.no_grad(), explicit_attention():
         _restore(rng, device)
         try:
-            return torch.func.jvp(fn, primals, tangents)
+            return forward_jvp(fn, primals, tangents)
         except (RuntimeError, NotImplementedError) as exc:
             if module is None:
                 raise
             reason = _first_line(exc)
             _restore(rng, device)
-            found = _failing_layer(module, lambda: torch.func.jvp(fn, primals, tangents))
+            found = _failing_layer(module, lambda: forward_jvp(fn, primals, tangents))
             where = f"layer {found[0]} ({found[1]})" if found else "the network"
             raise ForwardADError(
                 f"--jvp ad: {where} cannot take forward-mode AD ({reason}); --jvp fd works without it"

@@ -39,7 +39,7 @@ def _float64(net):
 
 @pytest.mark.parametrize("arch", ["adm", "ddpmpp", "ncsnpp"])
 def test_jvp_matches_central_differences_in_float64(arch):
-    """J by torch.func.jvp = the FD derivative of F along (cos t̂ sin t̂·v, cos t̂ sin t̂) to 1e-6 relative.
+    """J by forward-mode AD (cm.jvp) = the FD derivative of F along (cos t̂ sin t̂·v, cos t̂ sin t̂) to 1e-6 relative.
 
     Dropout 0.2 in training mode: every call here runs under the same mask, so
     this also checks that the JVP pass sees the training pass's mask.

@@ -2,6 +2,8 @@
 tangent warm-up, logging, the head in checkpoints, sampling an sCM checkpoint, bf16, bad input."""
 
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -190,3 +192,44 @@ def test_scm_from_an_nvidia_edm_pkl(tmp_path, capsys, monkeypatch, mode):
     kept = {k: v for k, v in source.state_dict().items() if not (mode == "sct" and k.startswith("map_augment"))}
     assert all(torch.equal(tuned[k], v) for k, v in kept.items())
     assert float(tuned["logvar_linear.weight"].abs().max()) == 0.0
+
+
+# The network's attention swapped, in the script's own process, for a kernel without a forward-mode rule
+# (as torch's fused attention was before cm.nn.explicit_attention); then cm_train.py runs as __main__.
+_NO_FORWARD_AD = """
+import runpy, sys, torch
+import cm.unet
+
+class FusedKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+def forward(self, qkv):
+    bs, width, length = qkv.shape
+    ch = width // (3 * self.n_heads)
+    q, k, v = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(-1, -2).unbind(1)
+    return FusedKernel.apply(q, k, v).transpose(-1, -2).reshape(bs, self.n_heads * ch, length)
+
+cm.unet.QKVAttention.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sct_run_with_a_layer_without_forward_ad_is_one_line_naming_it(data_dir, tmp_path):  # noqa: F811
+    from test_recipe_training import ROOT
+
+    log_dir = tmp_path / "logs"
+    argv = f"{NET} --training_mode sct --init_from none --data_dir {data_dir} --global_batch_size 4 "
+    argv += f"--total_training_steps 1 --logging_dir {log_dir}"
+    cmd = [sys.executable, "-c", _NO_FORWARD_AD, os.path.join(ROOT, "scripts", "cm_train.py"), *argv.split()]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_LOGDIR", "CM_LPIPS_PATH")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "--jvp ad: layer " in lines[0] and "(QKVAttention) cannot take forward-mode AD" in lines[0], lines[0]
+    assert "--jvp fd works without it" in lines[0]
+    assert not log_dir.exists()
