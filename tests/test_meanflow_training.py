@@ -1,5 +1,5 @@
 """cm_train.py --training_mode meanflow (a row of the recipe table): presets and the Adam optimiser,
-logging, checkpoints, bit-exact resume, bf16, 2 processes × b = 1 process × 2b, bad input."""
+logging, checkpoints, bit-exact resume, bf16, 2 processes × b = 1 process × 2b (mpiexec and torchrun), bad input."""
 
 import os
 import subprocess
@@ -14,6 +14,7 @@ from song_helpers import ROOT, image_folder, load_script, one_thread  # noqa: F4
 
 NET = ["--image_size", "8", "--channel_mult", "1,2", "--num_channels", "16", "--num_res_blocks", "1",
        "--attention_resolutions", "4", "--arch", "ddpmpp"]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 RUN = NET + ["--training_mode", "meanflow", "--global_batch_size", "4", "--ema_rate", "0.9", "--log_interval", "1",
              "--dropout", "0.2", "--lr", "1e-3"]  # fmt: skip
 
@@ -115,20 +116,21 @@ def test_bad_input_is_one_line_and_writes_nothing(data_dir, tmp_path, extra, msg
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (on PATH or next to sys.executable)")
-def test_two_processes_of_b_make_the_update_of_one_process_of_2b(data_dir, tmp_path):
+def test_two_processes_of_b_make_the_update_of_one_process_of_2b_under_mpiexec_and_torchrun(data_dir, tmp_path):
     harness = os.path.join(ROOT, "tests", "train_scripts", "meanflow_split.py")
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_LOGDIR", "RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
 
-    def job(name, *prefix, extra=()):
-        cmd = [*prefix, sys.executable, harness, str(tmp_path / name), "4", "cm_train", *RUN, "--data_dir",
+    def job(name, launcher, extra=()):
+        cmd = [*launcher, harness, str(tmp_path / name), "4", "cm_train", *RUN, "--data_dir",
                str(data_dir), "--logging_dir", str(tmp_path / name / "logs"), "--total_training_steps", "2",
                "--save_interval", "2", *extra]  # fmt: skip
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     # no dropout: each rank draws its own masks
-    procs = {"one": job("one", extra=("--microbatch", "1", "--dropout", "0")),
-             "mpi": job("mpi", MPIEXEC, "-n", "2", extra=("--dropout", "0"))}  # fmt: skip
+    procs = {"one": job("one", [sys.executable], extra=("--microbatch", "1", "--dropout", "0")),
+             "mpi": job("mpi", [MPIEXEC, "-n", "2", sys.executable], extra=("--dropout", "0")),
+             "torchrun": job("torchrun", TORCHRUN, extra=("--dropout", "0"))}  # fmt: skip
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, f"{name}\n{out[-2000:]}\n{err[-3000:]}"
@@ -136,6 +138,10 @@ def test_two_processes_of_b_make_the_update_of_one_process_of_2b(data_dir, tmp_p
     r0, r1 = (torch.load(tmp_path / "mpi" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert one["world"] == 1 and r0["world"] == 2 and r0["ddp"] == "DistributedDataParallel"
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    # torchrun's processes make mpiexec's update exactly (the same gloo all-reduce)
+    t0 = torch.load(tmp_path / "torchrun" / "rank0.pt", weights_only=True)
+    assert t0["world"] == 2 and t0["ddp"] == "DistributedDataParallel"
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], t0["params"]))
     # Adam divides by √v: a gradient entry near 0 turns its summation-order rounding into up to ~1e-3·lr;
     # unsynchronised ranks (each its half of the batch) would differ by O(lr) = 1e-3 almost everywhere
     for a, b in zip(one["params"], r0["params"]):
