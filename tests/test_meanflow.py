@@ -24,16 +24,9 @@ from cm.meanflow import (
 from cm.random_util import get_generator
 from cm.samplers import sample_meanflow
 from cm.song_unet import ARCH_CONFIGS, SongUNet
+from song_helpers import one_thread  # noqa: F401  (autouse fixture: one thread)
 
 DATA = Path(__file__).resolve().parent / "data" / "fastgen"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

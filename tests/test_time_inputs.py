@@ -8,16 +8,9 @@ from cm.checkpoint import CheckpointError, load_model_state
 from cm.formats.model_files import load_network_weights
 from cm.nn import time_inputs_in, widen_time_inputs
 from cm.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults
+from song_helpers import one_thread  # noqa: F401  (autouse fixture: one thread)
 
 NET = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(arch, time_inputs, class_cond=False, augment_dim=0, seed=0):
