@@ -76,6 +76,8 @@ def runs(tmp_path_factory):
     }  # fmt: skip
     if MPIEXEC is not None:
         jobs["mpi"] = [MPIEXEC, "-n", "2", sys.executable, *split("mpi")]
+    jobs["torchrun"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        *split("torchrun")]  # fmt: skip
     procs = {
         name: subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, cmd in jobs.items()
@@ -158,6 +160,18 @@ def test_two_processes_of_b_make_the_update_of_one_process_of_2b(runs):
     teacher = torch.load(tmp / "teacher.pt", weights_only=True)
     moved = sum(int(((ca["fake." + k] - v).abs() > 1e-4).sum()) for k, v in teacher.items())
     assert moved > 0.5 * sum(v.numel() for v in teacher.values())
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (on PATH or next to sys.executable)")
+def test_torchrun_makes_the_update_of_mpiexec(runs):
+    results, tmp = runs
+    ok(results, "torchrun")
+    ok(results, "mpi")
+    mpi, tr = (torch.load(tmp / name / "dump" / "rank0.pt", weights_only=True) for name in ("mpi", "torchrun"))
+    assert tr["world"] == 2 and tr["step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(mpi["params"], tr["params"]))  # the same gloo all-reduce
+    ca, cb = (torch.load(tmp / name / "dmd2_critic000002.pt", weights_only=True) for name in ("mpi", "torchrun"))
+    assert all(torch.equal(a, b) for a, b in zip(flat(ca), flat(cb)))
 
 
 def test_bf16_batch_one_fastgen_and_the_sampler(runs):
