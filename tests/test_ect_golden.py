@@ -112,7 +112,9 @@ def test_per_sample_loss_target_and_gradients(golden, name, case):
         return out
 
     loss = ect_loss(denoise, ld["x0"], t, r, ld["eps"], c)
-    torch.testing.assert_close(loss, e["loss"], rtol=1e-5, atol=0)
+    # rtol 1e-5 (the golden README's); atol 1e-6 for the smallest per-sample losses (0.011 of up to 47), whose
+    # float32 rounding reached 1.06e-5 relative on another CPU (its oneDNN kernels; the old code alike)
+    torch.testing.assert_close(loss, e["loss"], rtol=1e-5, atol=1e-6)
     assert max_abs(seen["D_t"], exp[name]["loss_D_t"]) < 1e-4
     model.zero_grad()
     loss.mean().backward()
