@@ -413,6 +413,7 @@ _ORIGINAL_FLAGS = ("target_ema_mode", "start_ema", "scale_mode", "distill_steps_
 _ORIGINAL_ROW = dict(flags=_ORIGINAL_FLAGS, schedule=_original_schedule)
 _LATER_ROW = dict(target="online", teacher="unused", uses_loss_norm=False, two_step_ts=(), two_step_sigmas=(80.0, 0.821))
 
+
 def _dmd2_schedule(args):
     return lambda step: (0.0, step)  # no target; the level is the step (it seeds the per-sample draws)
 
